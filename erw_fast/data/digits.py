@@ -1,0 +1,63 @@
+"""The embedded default dataset: 1,797 real handwritten digits (UCI / scikit-learn ``load_digits``).
+
+The 8x8 originals (values 0..16) ship inside the package (``assets/digits.npz``, 45 KB, CC BY 4.0,
+see ``assets/DIGITS_LICENSE.txt``); they are resized to 16x16 with bilinear interpolation, one
+channel, pixel space scaled to [-1, 1].
+"""
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits.npz")
+NUM_CLASSES = 10
+
+
+@lru_cache(maxsize=1)
+def digits_arrays():
+    """The raw arrays: images uint8 (1797, 8, 8) with values 0..16, labels uint8 (1797,)."""
+    with np.load(ASSET) as f:
+        return f["images"].copy(), f["labels"].copy()
+
+
+def load_digits(size: int = 16):
+    """Images float32 (1797, 1, size, size) in [-1, 1] and labels int64 (1797,)."""
+    images, labels = digits_arrays()
+    x = torch.from_numpy(images).float().unsqueeze(1) / 16.0
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 2 - 1).contiguous()
+    return x, torch.from_numpy(labels).long()
+
+
+def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0):
+    """A fixed train/validation split of ``range(n)`` (same for every caller with the same seed)."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    n_val = int(round(n * val_fraction))
+    return perm[n_val:], perm[:n_val]
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """Map-style dataset over the embedded digits: ``(image (1, S, S) in [-1, 1], label)``."""
+
+    def __init__(self, size: int = 16, split: str = "all", val_fraction: float = 0.2, seed: int = 0):
+        x, y = load_digits(size)
+        if split != "all":
+            tr, va = split_indices(len(y), val_fraction, seed)
+            idx = {"train": tr, "val": va}.get(split)
+            if idx is None:
+                raise ValueError(f"split={split!r}: use 'all', 'train' or 'val'")
+            x, y = x[idx], y[idx]
+        self.images, self.labels = x, y
+        self.num_classes = NUM_CLASSES
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]

@@ -1,0 +1,141 @@
+"""Load REPA / ERW / erw_fast checkpoints into a SiT safely (``torch.load(weights_only=True)``).
+
+Accepted files: a training checkpoint ``{model, ema, opt, args, steps}`` (REPA's layout, ours too),
+or a bare state dict. REPA pickles ``args`` as an ``argparse.Namespace``; that one class is
+allow-listed, nothing else is unpickled.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Optional
+
+import torch
+
+from .sit import SIZES, SiT
+
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+_PROJ_KEY = re.compile(r"^projectors\.(\d+)\.4\.weight$")
+
+
+def read_checkpoint(path: str) -> dict:
+    """Read a checkpoint file with weights_only=True; clear errors for missing or unreadable files."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as first:  # REPA stores args as an argparse.Namespace
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:
+            raise ValueError(
+                f"cannot read checkpoint {path}: {type(first).__name__}: {first}. "
+                "Expected a torch.save file holding a state dict or {model, ema, args, steps}."
+            ) from first
+
+
+def _args_dict(args) -> dict:
+    if args is None:
+        return {}
+    if isinstance(args, argparse.Namespace):
+        return vars(args)
+    if isinstance(args, dict):
+        return args
+    return {}
+
+
+def select_state_dict(ckpt, which: str = "ema") -> dict:
+    """The weights inside a checkpoint: ``ema`` or ``model`` entry, or the dict itself if bare."""
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"checkpoint holds a {type(ckpt).__name__}, expected a dict")
+    if which in ckpt and isinstance(ckpt[which], dict):
+        return ckpt[which]
+    for other in ("ema", "model", "state_dict"):
+        if other in ckpt and isinstance(ckpt[other], dict):
+            return ckpt[other]
+    if any(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt
+    raise ValueError(f"no weights found in checkpoint (keys: {sorted(ckpt)[:10]})")
+
+
+def infer_config(state_dict: dict, args: Optional[dict] = None) -> dict:
+    """SiT constructor keywords read off a state dict's shapes (and the run's args when present)."""
+    args = args or {}
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    for key in ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight"):
+        if key not in sd:
+            raise ValueError(f"not a SiT state dict: key {key!r} is missing")
+    hidden, in_ch, patch, _ = sd["x_embedder.proj.weight"].shape
+    tokens = sd["pos_embed"].shape[1]
+    grid = int(round(tokens ** 0.5))
+    depth = 1 + max((int(m.group(1)) for k in sd if (m := _BLOCK_KEY.match(k))), default=-1)
+    rows = sd["y_embedder.embedding_table.weight"].shape[0]
+    proj_ids = sorted(int(m.group(1)) for k in sd if (m := _PROJ_KEY.match(k)))
+    z_dims = [sd[f"projectors.{i}.4.weight"].shape[0] for i in proj_ids]
+    cfg = dict(
+        input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
+        z_dims=z_dims, qk_norm=any(".attn.q_norm." in k for k in sd),
+    )
+    if proj_ids:
+        cfg["projector_dim"] = sd["projectors.0.0.weight"].shape[0]
+    if depth:
+        cfg["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden
+    # heads cannot be read off shapes: take the run's args or the registry size with that width
+    heads = args.get("num_heads")
+    model_name = args.get("model")
+    if heads is None and isinstance(model_name, str):
+        size = model_name.removeprefix("SiT-").split("/")[0]
+        heads = SIZES.get(size, {}).get("num_heads")
+    if heads is None:
+        heads = next((s["num_heads"] for s in SIZES.values() if s["hidden_size"] == hidden), None)
+    if heads is None:
+        raise ValueError(f"cannot infer num_heads for hidden size {hidden}: pass num_heads=")
+    cfg["num_heads"] = heads
+    cfg["encoder_depth"] = min(int(args.get("encoder_depth", args.get("encoder-depth", 8))), depth)
+    dropout = float(args.get("cfg_prob", args.get("class_dropout_prob", 0.1)))
+    cfg["class_dropout_prob"] = dropout
+    cfg["num_classes"] = int(args.get("num_classes", rows - 1 if rows > 1 else rows))
+    if "use_rope" in args:
+        cfg["use_rope"] = bool(args["use_rope"])
+    return cfg
+
+
+def load_state_dict_checked(model: SiT, state_dict: dict, strict: bool = True):
+    """load_state_dict with prefixes stripped and a readable report of key mismatches."""
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    own = model.state_dict()
+    shape_errors = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in sd.items() if k in own and own[k].shape != v.shape
+    ]
+    if shape_errors:
+        raise ValueError("checkpoint does not fit the model:\n  " + "\n  ".join(shape_errors))
+    result = model.load_state_dict(sd, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        lines = []
+        if result.missing_keys:
+            lines.append(f"missing from checkpoint ({len(result.missing_keys)}): {', '.join(result.missing_keys[:12])}")
+        if result.unexpected_keys:
+            lines.append(f"unexpected in checkpoint ({len(result.unexpected_keys)}): {', '.join(result.unexpected_keys[:12])}")
+        raise ValueError("state dict keys do not match the model:\n  " + "\n  ".join(lines))
+    return result
+
+
+def load_checkpoint(path_or_ckpt, model: Optional[SiT] = None, which: str = "ema", strict: bool = True,
+                    **overrides) -> SiT:
+    """Load a REPA/ERW/erw_fast checkpoint (file path or already-loaded dict) into a SiT.
+
+    With ``model=None`` the architecture is inferred from the weights' shapes and the stored
+    args; ``overrides`` (e.g. ``num_heads=``, ``encoder_depth=``, ``use_rope=``) win over both.
+    """
+    ckpt = read_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
+    sd = select_state_dict(ckpt, which)
+    if model is None:
+        args = _args_dict(ckpt.get("args")) if isinstance(ckpt, dict) else {}
+        cfg = dict(args.get("model_config", {})) or infer_config(sd, args)
+        cfg.update(overrides)
+        model = SiT(**cfg)
+    load_state_dict_checked(model, sd, strict=strict)
+    return model

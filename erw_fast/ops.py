@@ -1,0 +1,426 @@
+"""Fused ops for SiT/REPA training, as ``torch.library`` custom ops (namespace ``erw_fast``).
+
+Public API
+----------
+``layernorm_modulate(x, shift, scale, eps=1e-6, backend="auto")``
+    ``LayerNorm(x, no affine, biased var) * (1 + scale[:, None]) + shift[:, None]``;
+    x (B, T, D), shift/scale (B, D).
+``gated_residual(x, gate, y, backend="auto")``
+    ``x + gate[:, None] * y``; x, y (B, T, D), gate (B, D).
+``projection_cosine_loss(h, weight, bias, target, backend="auto", chunk_size=None)``
+    ``mean_n -cos(h_n @ weight.T + bias, target_n)`` (REPA's alignment loss fused with the
+    projector's last Linear); h (N, K), weight (Z, K), bias (Z,) or None, target (N, Z) (no grad).
+``triton_available()``; pure PyTorch references ``*_ref`` (autograd-able, also in float64).
+
+Backends
+--------
+``"auto"``: Triton kernels for CUDA tensors when triton imports, PyTorch otherwise.
+``"torch"``: PyTorch always.  ``"triton"``: always the Triton kernels; on CPU tensors that needs
+``TRITON_INTERPRET=1`` set before ``erw_fast.kernels`` is first imported, otherwise a RuntimeError
+says why (never a silent fallback).  The choice is made when the op runs, so one compiled graph
+works on every device.
+
+Dtypes
+------
+Custom ops are not touched by autocast, so inputs may mix dtypes (fp32 residual stream with bf16
+modulation vectors).  Arithmetic is fp32 (fp64 when an input is fp64, torch backend only); the
+output has ``torch.result_type`` of the tensor inputs; each gradient has its input's dtype.
+Non-contiguous inputs (e.g. ``chunk`` views of an adaLN output) are accepted.
+
+projection_cosine_loss
+----------------------
+Liger-style fused linear loss: rows are processed in chunks of ``chunk_size`` (default so that a
+chunk's (rows, Z) projection holds <= 2**22 elements); per chunk ``z = h_c @ W.T + b`` is one matmul,
+the per-row loss and ``dL/dz`` come from one kernel (written over z in place), and ``dL/dh_c``,
+``dL/dW``, ``dL/db`` are accumulated right away.  The full (N, Z) projection and its normalised
+copies never exist; autograd keeps only grad_h (N, K, same size as h), grad_W and grad_b, which the
+backward scales by the incoming gradient.  The ``"torch"`` backend runs the same chunked algorithm
+with a PyTorch row function (memory-lean too); ``projection_cosine_loss_ref`` is the plain eager
+REPA formula.  Matmuls run in ``promote_types(h.dtype, weight.dtype)`` (pass a bf16 weight, e.g.
+``weight.to(h.dtype)``, to get bf16 tensor-core matmuls); normalisation and the loss are fp32; the
+loss is returned in fp32 (fp64 for fp64 inputs).  The gradients are computed in the forward even
+when nobody needs them; ``target`` gets no gradient.
+"""
+import sys
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import kernels as _kernels  # light: no triton import here
+
+__all__ = [
+    "layernorm_modulate",
+    "gated_residual",
+    "projection_cosine_loss",
+    "triton_available",
+    "layernorm_modulate_ref",
+    "gated_residual_ref",
+    "projection_cosine_loss_ref",
+    "BACKENDS",
+]
+
+BACKENDS = ("auto", "triton", "torch")
+_TRITON_OK = None
+
+
+def triton_available() -> bool:
+    """True when ``triton`` imports (it says nothing about a GPU being present)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _TRITON_OK = True
+        except Exception:  # ImportError, or a broken install
+            _TRITON_OK = False
+    return _TRITON_OK
+
+
+_KERNEL_MODULES = {
+    "layernorm_modulate": "layernorm_modulate",
+    "gated_residual": "gated_residual",
+    "projection_cosine_loss": "projection_cosine",
+}
+
+
+def _interpreter_enabled(op: str) -> bool:
+    """Whether the Triton kernels of ``op`` can run on CPU tensors (interpreter mode).
+
+    Triton picks interpreted vs compiled kernels when a kernel is defined, so once the op's kernel
+    module is imported, the value it recorded then is what counts; before that, the environment.
+    """
+    mod = sys.modules.get(f"{__package__}.kernels.{_KERNEL_MODULES[op]}")
+    if mod is not None:
+        return bool(getattr(mod, "INTERPRET", False))
+    return _kernels.interpret_env()
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _use_triton(backend: str, op: str, *tensors: Tensor) -> bool:
+    _check_backend(backend)
+    if backend == "torch":
+        return False
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t is not None and t.device != dev:
+            raise RuntimeError(f"erw_fast.{op}: all inputs must be on one device, got {dev} and {t.device}")
+    if backend == "auto":
+        return dev.type == "cuda" and triton_available()
+    # backend == "triton": run the kernel or fail loudly.
+    if not triton_available():
+        raise RuntimeError(f"erw_fast.{op}(backend='triton'): triton is not importable; install triton "
+                           "or use backend='auto'/'torch'")
+    if dev.type == "cuda":
+        return True
+    if dev.type == "cpu":
+        if not _interpreter_enabled(op):
+            raise RuntimeError(
+                f"erw_fast.{op}(backend='triton') got CPU tensors but the Triton interpreter is off: set "
+                "TRITON_INTERPRET=1 before erw_fast.kernels is first imported, move the tensors to CUDA, "
+                "or use backend='auto'/'torch'")
+        return True
+    raise RuntimeError(f"erw_fast.{op}(backend='triton'): unsupported device {dev}")
+
+
+def _promote(*tensors: Tensor) -> torch.dtype:
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# ==============================================================================================
+# references (plain PyTorch, autograd, any float dtype; fp32 math unless an input is fp64)
+# ==============================================================================================
+def layernorm_modulate_ref(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    cdt = _compute_dtype(x, shift, scale)
+    xf = x.to(cdt)
+    y = F.layer_norm(xf, (xf.shape[-1],), eps=eps)
+    y = y * (1 + scale.to(cdt)[:, None]) + shift.to(cdt)[:, None]
+    return y.to(_promote(x, shift, scale))
+
+
+def gated_residual_ref(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    cdt = _compute_dtype(x, gate, y)
+    out = x.to(cdt) + gate.to(cdt)[:, None] * y.to(cdt)
+    return out.to(_promote(x, gate, y))
+
+
+def projection_cosine_loss_ref(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor) -> Tensor:
+    """REPA: ``z = Linear(h)``; ``-(normalize(z) * normalize(target)).sum(-1)``, mean over rows."""
+    mm = _promote(h, weight) if bias is None else _promote(h, weight, bias)
+    z = F.linear(h.to(mm), weight.to(mm), None if bias is None else bias.to(mm))
+    cdt = _compute_dtype(z, target)
+    zn = F.normalize(z.to(cdt), dim=-1)
+    tn = F.normalize(target.to(cdt), dim=-1)
+    return -(zn * tn).sum(dim=-1).mean()
+
+
+# ==============================================================================================
+# layernorm_modulate
+# ==============================================================================================
+def _lnmod_stats_torch(xf, eps):
+    mean = xf.mean(dim=-1, keepdim=True)
+    xc = xf - mean
+    rstd = torch.rsqrt((xc * xc).mean(dim=-1, keepdim=True) + eps)
+    return xc * rstd, rstd
+
+
+@torch.library.custom_op("erw_fast::layernorm_modulate", mutates_args=())
+def _layernorm_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float, backend: str) -> Tensor:
+    out_dtype = _promote(x, shift, scale)
+    if _use_triton(backend, "layernorm_modulate", x, shift, scale):
+        from .kernels.layernorm_modulate import layernorm_modulate_fwd
+
+        return layernorm_modulate_fwd(x, shift, scale, eps, out_dtype=out_dtype)
+    cdt = _compute_dtype(x, shift, scale)
+    xhat, _ = _lnmod_stats_torch(x.to(cdt), eps)
+    out = xhat * (1 + scale.to(cdt)[:, None]) + shift.to(cdt)[:, None]
+    return out.to(out_dtype)
+
+
+@_layernorm_modulate_op.register_fake
+def _(x, shift, scale, eps, backend):
+    return x.new_empty(x.shape, dtype=_promote(x, shift, scale))
+
+
+@torch.library.custom_op("erw_fast::layernorm_modulate_backward", mutates_args=())
+def _layernorm_modulate_bwd_op(dy: Tensor, x: Tensor, scale: Tensor, eps: float,
+                               backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> dx (x.dtype), dshift and dscale (B, D) in the compute dtype (fp32)."""
+    if _use_triton(backend, "layernorm_modulate", dy, x, scale):
+        from .kernels.layernorm_modulate import layernorm_modulate_bwd
+
+        return layernorm_modulate_bwd(dy, x, scale, eps, dx_dtype=x.dtype)
+    cdt = _compute_dtype(dy, x, scale)
+    xhat, rstd = _lnmod_stats_torch(x.to(cdt), eps)
+    dyf = dy.to(cdt)
+    g = dyf * (1 + scale.to(cdt)[:, None])
+    dx = rstd * (g - g.mean(dim=-1, keepdim=True) - xhat * (g * xhat).mean(dim=-1, keepdim=True))
+    return dx.to(x.dtype), dyf.sum(dim=1), (dyf * xhat).sum(dim=1)
+
+
+@_layernorm_modulate_bwd_op.register_fake
+def _(dy, x, scale, eps, backend):
+    cdt = _compute_dtype(dy, x, scale)
+    B, _, D = x.shape
+    return x.new_empty(x.shape), x.new_empty((B, D), dtype=cdt), x.new_empty((B, D), dtype=cdt)
+
+
+def _lnmod_setup_context(ctx, inputs, output):
+    x, shift, scale, eps, backend = inputs
+    ctx.save_for_backward(x, scale)
+    ctx.eps, ctx.backend, ctx.shift_dtype = eps, backend, shift.dtype
+
+
+def _lnmod_backward(ctx, dy):
+    x, scale = ctx.saved_tensors
+    dx, dshift, dscale = _layernorm_modulate_bwd_op(dy, x, scale, ctx.eps, ctx.backend)
+    return dx, dshift.to(ctx.shift_dtype), dscale.to(scale.dtype), None, None
+
+
+_layernorm_modulate_op.register_autograd(_lnmod_backward, setup_context=_lnmod_setup_context)
+
+
+def layernorm_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6,
+                       backend: str = "auto") -> Tensor:
+    """``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]``; x (B, T, D), shift/scale (B, D)."""
+    _check_backend(backend)
+    return _layernorm_modulate_op(x, shift, scale, float(eps), backend)
+
+
+# ==============================================================================================
+# gated_residual
+# ==============================================================================================
+@torch.library.custom_op("erw_fast::gated_residual", mutates_args=())
+def _gated_residual_op(x: Tensor, gate: Tensor, y: Tensor, backend: str) -> Tensor:
+    out_dtype = _promote(x, gate, y)
+    if _use_triton(backend, "gated_residual", x, gate, y):
+        from .kernels.gated_residual import gated_residual_fwd
+
+        return gated_residual_fwd(x, gate, y, out_dtype=out_dtype)
+    cdt = _compute_dtype(x, gate, y)
+    return (x.to(cdt) + gate.to(cdt)[:, None] * y.to(cdt)).to(out_dtype)
+
+
+@_gated_residual_op.register_fake
+def _(x, gate, y, backend):
+    return x.new_empty(x.shape, dtype=_promote(x, gate, y))
+
+
+@torch.library.custom_op("erw_fast::gated_residual_backward", mutates_args=())
+def _gated_residual_bwd_op(dout: Tensor, gate: Tensor, y: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    """-> dy (y.dtype), dgate (B, D) in the compute dtype (fp32)."""
+    if _use_triton(backend, "gated_residual", dout, gate, y):
+        from .kernels.gated_residual import gated_residual_bwd
+
+        return gated_residual_bwd(dout, gate, y, dy_dtype=y.dtype)
+    cdt = _compute_dtype(dout, gate, y)
+    do = dout.to(cdt)
+    return (do * gate.to(cdt)[:, None]).to(y.dtype), (do * y.to(cdt)).sum(dim=1)
+
+
+@_gated_residual_bwd_op.register_fake
+def _(dout, gate, y, backend):
+    B, _, D = y.shape
+    return y.new_empty(y.shape), y.new_empty((B, D), dtype=_compute_dtype(dout, gate, y))
+
+
+def _gres_setup_context(ctx, inputs, output):
+    x, gate, y, backend = inputs
+    ctx.save_for_backward(gate, y)
+    ctx.backend, ctx.x_dtype = backend, x.dtype
+
+
+def _gres_backward(ctx, dout):
+    gate, y = ctx.saved_tensors
+    dy, dgate = _gated_residual_bwd_op(dout, gate, y, ctx.backend)
+    return dout.to(ctx.x_dtype), dgate.to(gate.dtype), dy, None
+
+
+_gated_residual_op.register_autograd(_gres_backward, setup_context=_gres_setup_context)
+
+
+def gated_residual(x: Tensor, gate: Tensor, y: Tensor, backend: str = "auto") -> Tensor:
+    """``x + gate[:, None] * y``; x, y (B, T, D), gate (B, D)."""
+    _check_backend(backend)
+    return _gated_residual_op(x, gate, y, backend)
+
+
+# ==============================================================================================
+# projection_cosine_loss
+# ==============================================================================================
+_COS_EPS = 1e-12  # F.normalize's default
+
+
+def _cos_rows_torch(z: Tensor, target: Tensor, weight: float, eps: float = _COS_EPS, dz=None):
+    """PyTorch twin of kernels.projection_cosine.cosine_loss_grad_rows."""
+    cdt = _compute_dtype(z, target)
+    zf, tf = z.to(cdt), target.to(cdt)
+    nz = torch.linalg.vector_norm(zf, dim=-1, keepdim=True)
+    nt = torch.linalg.vector_norm(tf, dim=-1, keepdim=True)
+    zden, tden = nz.clamp_min(eps), nt.clamp_min(eps)
+    zn, tn = zf / zden, tf / tden
+    cos = (zn * tn).sum(dim=-1, keepdim=True)
+    grad = (tn - torch.where(nz > eps, cos, torch.zeros_like(cos)) * zn) / zden * (-weight)
+    if dz is None:
+        dz = grad.to(z.dtype)
+    else:
+        dz.copy_(grad)
+    return (-cos).sum(), dz
+
+
+def default_chunk_size(n_rows: int, k: int, z: int) -> int:
+    """Rows per chunk: the chunk's (rows, max(K, Z)) buffers hold <= 2**22 elements."""
+    c = (1 << 22) // max(k, z, 1)
+    c = max(64, (c // 64) * 64)
+    return max(1, min(n_rows, c))
+
+
+def _pcl_dtypes(h, weight, bias, target):
+    mm = _promote(h, weight) if bias is None else _promote(h, weight, bias)
+    acc = torch.float64 if mm == torch.float64 else torch.float32
+    loss = torch.float64 if (acc == torch.float64 or target.dtype == torch.float64) else torch.float32
+    return mm, acc, loss
+
+
+def _projection_cosine_chunked(h, weight, bias, target, chunk_size, row_fn):
+    N, K = h.shape
+    Z = weight.shape[0]
+    mm, acc, loss_dtype = _pcl_dtypes(h, weight, bias, target)
+    dev = h.device
+    W = weight.to(mm)
+    b = None if bias is None else bias.to(mm)
+    grad_h = _kernels.empty((N, K), h.dtype, dev)
+    gW = torch.zeros((Z, K), dtype=acc, device=dev)
+    gb = torch.zeros((Z,), dtype=acc, device=dev)
+    loss = torch.zeros((), dtype=acc, device=dev)
+    if N == 0:
+        loss.fill_(float("nan"))
+    c = chunk_size if chunk_size and chunk_size > 0 else default_chunk_size(N, K, Z)
+    inv_n = 1.0 / max(N, 1)
+    for i in range(0, N, c):
+        j = min(N, i + c)
+        hc = h[i:j].to(mm)
+        z = hc @ W.t() if b is None else torch.addmm(b, hc, W.t())
+        lsum, dz = row_fn(z, target[i:j], inv_n, dz=z)  # dL/dz written over z
+        loss += lsum.to(acc)
+        if h.dtype == mm:
+            torch.mm(dz, W, out=grad_h[i:j])
+        else:
+            grad_h[i:j].copy_(dz @ W)
+        if mm == acc:
+            gW.addmm_(dz.t(), hc)
+        else:
+            gW += dz.t() @ hc
+        gb += dz.sum(dim=0, dtype=acc)
+    loss = loss * inv_n
+    gb_dtype = weight.dtype if bias is None else bias.dtype
+    return loss.to(loss_dtype), grad_h, gW.to(weight.dtype), gb.to(gb_dtype)
+
+
+@torch.library.custom_op("erw_fast::projection_cosine_loss", mutates_args=())
+def _projection_cosine_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                          chunk_size: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, dloss/dh, dloss/dweight, dloss/dbias), all computed chunk by chunk."""
+    if h.dim() != 2 or weight.dim() != 2 or target.dim() != 2:
+        raise ValueError("projection_cosine_loss: h (N, K), weight (Z, K), target (N, Z)")
+    if _use_triton(backend, "projection_cosine_loss", h, weight, bias, target):
+        from .kernels.projection_cosine import cosine_loss_grad_rows as row_fn
+    else:
+        row_fn = _cos_rows_torch
+    return _projection_cosine_chunked(h, weight, bias, target, chunk_size, row_fn)
+
+
+@_projection_cosine_op.register_fake
+def _(h, weight, bias, target, chunk_size, backend):
+    _, _, loss_dtype = _pcl_dtypes(h, weight, bias, target)
+    gb_dtype = weight.dtype if bias is None else bias.dtype
+    return (h.new_empty((), dtype=loss_dtype), h.new_empty(h.shape), weight.new_empty(weight.shape),
+            weight.new_empty((weight.shape[0],), dtype=gb_dtype))
+
+
+def _pcl_setup_context(ctx, inputs, output):
+    h, weight, bias, target, chunk_size, backend = inputs
+    _, grad_h, grad_w, grad_b = output
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(grad_h, grad_w, grad_b)
+
+
+def _pcl_backward(ctx, g_loss, _gh, _gw, _gb):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    dh = (grad_h * g_loss).to(grad_h.dtype)
+    dw = (grad_w * g_loss).to(grad_w.dtype)
+    db = (grad_b * g_loss).to(grad_b.dtype) if ctx.has_bias else None
+    return dh, dw, db, None, None, None
+
+
+_projection_cosine_op.register_autograd(_pcl_backward, setup_context=_pcl_setup_context)
+
+
+def projection_cosine_loss(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
+                           backend: str = "auto", chunk_size: Optional[int] = None) -> Tensor:
+    """``mean_n -cos(h_n @ weight.T + bias, target_n)`` without materialising the (N, Z) projection.
+
+    h (N, K), weight (Z, K), bias (Z,) or None, target (N, Z) (treated as constant).  Leading
+    dimensions of h/target beyond 2 are flattened (mean over all tokens, as REPA with equal token
+    counts per sample).  Returns a 0-d fp32 tensor.
+    """
+    _check_backend(backend)
+    if h.dim() > 2:
+        h = h.reshape(-1, h.shape[-1])
+    if target.dim() > 2:
+        target = target.reshape(-1, target.shape[-1])
+    loss, _, _, _ = _projection_cosine_op(h, weight, bias, target.detach(), int(chunk_size or 0), backend)
+    return loss

@@ -1,0 +1,1 @@
+"""Small dependency-free utilities (PNG writing, progress bars)."""

@@ -1,0 +1,38 @@
+"""Build entry for erw_fast.
+
+The top-level ``kernels/`` folder (one Triton file per fused op) is installed as the
+sub-package ``erw_fast.kernels``; there is no top-level ``kernels`` import name.
+"""
+import os
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _readme():
+    path = os.path.join(HERE, "README.md")
+    return open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+
+
+packages = find_packages(include=["erw_fast", "erw_fast.*"]) + ["erw_fast.kernels"]
+
+setup(
+    name="erw_fast",
+    version="0.1.0",
+    description="Fast, correct Embedded Representation Warmup (ERW) training for SiT/DiT",
+    long_description=_readme(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=packages,
+    package_dir={"erw_fast": "erw_fast", "erw_fast.kernels": "kernels"},
+    package_data={"erw_fast": ["assets/*"]},
+    include_package_data=True,
+    # torch>=2.4 has torch.library.custom_op; CI pins the local CPU wheel (torch==2.13.0).
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "test": ["pytest", "pytest-benchmark", "triton"],
+        "triton": ["triton"],
+        "cuda": ["flash-attn", "xformers"],
+    },
+)
