@@ -16,8 +16,8 @@ Backends
 --------
 ``"auto"``: Triton kernels for CUDA tensors when triton imports, PyTorch otherwise.
 ``"torch"``: PyTorch always.  ``"triton"``: always the Triton kernels; on CPU tensors that needs
-``TRITON_INTERPRET=1`` set before ``erw_fast.kernels`` is first imported, otherwise a RuntimeError
-says why (never a silent fallback).  The choice is made when the op runs, so one compiled graph
+``TRITON_INTERPRET=1`` set before the ``erw_fast.kernels.*`` kernel modules are imported, otherwise a
+RuntimeError says why (never a silent fallback).  The choice is made when the op runs, so one compiled graph
 works on every device.
 
 Dtypes
@@ -30,16 +30,17 @@ Non-contiguous inputs (e.g. ``chunk`` views of an adaLN output) are accepted.
 projection_cosine_loss
 ----------------------
 Liger-style fused linear loss: rows are processed in chunks of ``chunk_size`` (default so that a
-chunk's (rows, Z) projection holds <= 2**22 elements); per chunk ``z = h_c @ W.T + b`` is one matmul,
+chunk's (rows, max(K, Z)) buffers hold <= 2**24 elements); per chunk ``z = h_c @ W.T + b`` is one matmul,
 the per-row loss and ``dL/dz`` come from one kernel (written over z in place), and ``dL/dh_c``,
 ``dL/dW``, ``dL/db`` are accumulated right away.  The full (N, Z) projection and its normalised
 copies never exist; autograd keeps only grad_h (N, K, same size as h), grad_W and grad_b, which the
-backward scales by the incoming gradient.  The ``"torch"`` backend runs the same chunked algorithm
+backward scales by the incoming gradient (in eager mode grad_h is scaled in place and handed on, so
+no second (N, K) buffer appears; under torch.compile the scaling is out of place).  Gradients are
+only computed when grad mode is on and h, weight or bias requires grad.  The ``"torch"`` backend runs the same chunked algorithm
 with a PyTorch row function (memory-lean too); ``projection_cosine_loss_ref`` is the plain eager
 REPA formula.  Matmuls run in ``promote_types(h.dtype, weight.dtype)`` (pass a bf16 weight, e.g.
 ``weight.to(h.dtype)``, to get bf16 tensor-core matmuls); normalisation and the loss are fp32; the
-loss is returned in fp32 (fp64 for fp64 inputs).  The gradients are computed in the forward even
-when nobody needs them; ``target`` gets no gradient.
+loss is returned in fp32 (fp64 for fp64 inputs); ``target`` gets no gradient.
 """
 import sys
 from typing import Optional, Tuple
@@ -123,7 +124,7 @@ def _use_triton(backend: str, op: str, *tensors: Tensor) -> bool:
         if not _interpreter_enabled(op):
             raise RuntimeError(
                 f"erw_fast.{op}(backend='triton') got CPU tensors but the Triton interpreter is off: set "
-                "TRITON_INTERPRET=1 before erw_fast.kernels is first imported, move the tensors to CUDA, "
+                "TRITON_INTERPRET=1 before the erw_fast.kernels modules are imported, move the tensors to CUDA, "
                 "or use backend='auto'/'torch'")
         return True
     raise RuntimeError(f"erw_fast.{op}(backend='triton'): unsupported device {dev}")
@@ -187,7 +188,7 @@ def _layernorm_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float, 
     cdt = _compute_dtype(x, shift, scale)
     xhat, _ = _lnmod_stats_torch(x.to(cdt), eps)
     out = xhat * (1 + scale.to(cdt)[:, None]) + shift.to(cdt)[:, None]
-    return out.to(out_dtype)
+    return out.to(out_dtype).contiguous()  # fake impl promises contiguous outputs
 
 
 @_layernorm_modulate_op.register_fake
@@ -202,13 +203,15 @@ def _layernorm_modulate_bwd_op(dy: Tensor, x: Tensor, scale: Tensor, eps: float,
     if _use_triton(backend, "layernorm_modulate", dy, x, scale):
         from .kernels.layernorm_modulate import layernorm_modulate_bwd
 
-        return layernorm_modulate_bwd(dy, x, scale, eps, dx_dtype=x.dtype)
+        dx, dshift, dscale = layernorm_modulate_bwd(dy, x, scale, eps, dx_dtype=x.dtype)
+        cdt = _compute_dtype(dy, x, scale)  # kernels accumulate in fp32; match the fake impl
+        return dx, dshift.to(cdt), dscale.to(cdt)
     cdt = _compute_dtype(dy, x, scale)
     xhat, rstd = _lnmod_stats_torch(x.to(cdt), eps)
     dyf = dy.to(cdt)
     g = dyf * (1 + scale.to(cdt)[:, None])
     dx = rstd * (g - g.mean(dim=-1, keepdim=True) - xhat * (g * xhat).mean(dim=-1, keepdim=True))
-    return dx.to(x.dtype), dyf.sum(dim=1), (dyf * xhat).sum(dim=1)
+    return dx.to(x.dtype).contiguous(), dyf.sum(dim=1).contiguous(), (dyf * xhat).sum(dim=1).contiguous()
 
 
 @_layernorm_modulate_bwd_op.register_fake
@@ -251,7 +254,7 @@ def _gated_residual_op(x: Tensor, gate: Tensor, y: Tensor, backend: str) -> Tens
 
         return gated_residual_fwd(x, gate, y, out_dtype=out_dtype)
     cdt = _compute_dtype(x, gate, y)
-    return (x.to(cdt) + gate.to(cdt)[:, None] * y.to(cdt)).to(out_dtype)
+    return (x.to(cdt) + gate.to(cdt)[:, None] * y.to(cdt)).to(out_dtype).contiguous()
 
 
 @_gated_residual_op.register_fake
@@ -265,10 +268,11 @@ def _gated_residual_bwd_op(dout: Tensor, gate: Tensor, y: Tensor, backend: str) 
     if _use_triton(backend, "gated_residual", dout, gate, y):
         from .kernels.gated_residual import gated_residual_bwd
 
-        return gated_residual_bwd(dout, gate, y, dy_dtype=y.dtype)
+        dy, dgate = gated_residual_bwd(dout, gate, y, dy_dtype=y.dtype)
+        return dy, dgate.to(_compute_dtype(dout, gate, y))
     cdt = _compute_dtype(dout, gate, y)
     do = dout.to(cdt)
-    return (do * gate.to(cdt)[:, None]).to(y.dtype), (do * y.to(cdt)).sum(dim=1)
+    return (do * gate.to(cdt)[:, None]).to(y.dtype).contiguous(), (do * y.to(cdt)).sum(dim=1).contiguous()
 
 
 @_gated_residual_bwd_op.register_fake
@@ -322,8 +326,9 @@ def _cos_rows_torch(z: Tensor, target: Tensor, weight: float, eps: float = _COS_
 
 
 def default_chunk_size(n_rows: int, k: int, z: int) -> int:
-    """Rows per chunk: the chunk's (rows, max(K, Z)) buffers hold <= 2**22 elements."""
-    c = (1 << 22) // max(k, z, 1)
+    """Rows per chunk: the chunk's (rows, max(K, Z)) buffers hold <= 2**24 elements (8192 rows at
+    K = 2048: 8 chunks at N = 65536, few enough that launch overhead stays small)."""
+    c = (1 << 24) // max(k, z, 1)
     c = max(64, (c // 64) * 64)
     return max(1, min(n_rows, c))
 
@@ -335,16 +340,22 @@ def _pcl_dtypes(h, weight, bias, target):
     return mm, acc, loss
 
 
-def _projection_cosine_chunked(h, weight, bias, target, chunk_size, row_fn):
+def _projection_cosine_chunked(h, weight, bias, target, chunk_size, row_fn, need_grads=True):
+    """Chunked loss (+ gradients).  Without ``need_grads`` the grads come back as empty tensors."""
     N, K = h.shape
     Z = weight.shape[0]
+    if target.shape != (N, Z) or weight.shape[1] != K or (bias is not None and bias.shape != (Z,)):
+        raise ValueError(f"projection_cosine_loss: shapes h {tuple(h.shape)}, weight {tuple(weight.shape)}, "
+                         f"bias {None if bias is None else tuple(bias.shape)}, target {tuple(target.shape)}")
     mm, acc, loss_dtype = _pcl_dtypes(h, weight, bias, target)
     dev = h.device
     W = weight.to(mm)
     b = None if bias is None else bias.to(mm)
-    grad_h = _kernels.empty((N, K), h.dtype, dev)
-    gW = torch.zeros((Z, K), dtype=acc, device=dev)
-    gb = torch.zeros((Z,), dtype=acc, device=dev)
+    gb_dtype = weight.dtype if bias is None else bias.dtype
+    if need_grads:
+        grad_h = _kernels.empty((N, K), h.dtype, dev)
+        gW = torch.zeros((Z, K), dtype=acc, device=dev)
+        gb = torch.zeros((Z,), dtype=acc, device=dev)
     loss = torch.zeros((), dtype=acc, device=dev)
     if N == 0:
         loss.fill_(float("nan"))
@@ -356,6 +367,8 @@ def _projection_cosine_chunked(h, weight, bias, target, chunk_size, row_fn):
         z = hc @ W.t() if b is None else torch.addmm(b, hc, W.t())
         lsum, dz = row_fn(z, target[i:j], inv_n, dz=z)  # dL/dz written over z
         loss += lsum.to(acc)
+        if not need_grads:
+            continue
         if h.dtype == mm:
             torch.mm(dz, W, out=grad_h[i:j])
         else:
@@ -365,45 +378,81 @@ def _projection_cosine_chunked(h, weight, bias, target, chunk_size, row_fn):
         else:
             gW += dz.t() @ hc
         gb += dz.sum(dim=0, dtype=acc)
-    loss = loss * inv_n
-    gb_dtype = weight.dtype if bias is None else bias.dtype
-    return loss.to(loss_dtype), grad_h, gW.to(weight.dtype), gb.to(gb_dtype)
+    loss = (loss * inv_n).to(loss_dtype)
+    if not need_grads:
+        return (loss, h.new_empty((0,)), weight.new_empty((0,)), weight.new_empty((0,), dtype=gb_dtype))
+    return loss, grad_h, gW.to(weight.dtype), gb.to(gb_dtype)
 
 
 @torch.library.custom_op("erw_fast::projection_cosine_loss", mutates_args=())
 def _projection_cosine_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
-                          chunk_size: int, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (loss, dloss/dh, dloss/dweight, dloss/dbias), all computed chunk by chunk."""
+                          chunk_size: int, need_grads: bool,
+                          backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss, dloss/dh, dloss/dweight, dloss/dbias), all computed chunk by chunk (grads empty
+    when ``need_grads`` is False).  Only the loss is differentiable; an eager backward scales the
+    returned dloss/dh buffer in place (``projection_cosine_loss`` drops these outputs)."""
     if h.dim() != 2 or weight.dim() != 2 or target.dim() != 2:
         raise ValueError("projection_cosine_loss: h (N, K), weight (Z, K), target (N, Z)")
     if _use_triton(backend, "projection_cosine_loss", h, weight, bias, target):
         from .kernels.projection_cosine import cosine_loss_grad_rows as row_fn
     else:
         row_fn = _cos_rows_torch
-    return _projection_cosine_chunked(h, weight, bias, target, chunk_size, row_fn)
+    return _projection_cosine_chunked(h, weight, bias, target, chunk_size, row_fn, need_grads)
 
 
 @_projection_cosine_op.register_fake
-def _(h, weight, bias, target, chunk_size, backend):
+def _(h, weight, bias, target, chunk_size, need_grads, backend):
     _, _, loss_dtype = _pcl_dtypes(h, weight, bias, target)
     gb_dtype = weight.dtype if bias is None else bias.dtype
-    return (h.new_empty((), dtype=loss_dtype), h.new_empty(h.shape), weight.new_empty(weight.shape),
+    loss = h.new_empty((), dtype=loss_dtype)
+    if not need_grads:
+        return loss, h.new_empty((0,)), weight.new_empty((0,)), weight.new_empty((0,), dtype=gb_dtype)
+    return (loss, h.new_empty(h.shape), weight.new_empty(weight.shape),
             weight.new_empty((weight.shape[0],), dtype=gb_dtype))
 
 
 def _pcl_setup_context(ctx, inputs, output):
-    h, weight, bias, target, chunk_size, backend = inputs
+    h, weight, bias, target, chunk_size, need_grads, backend = inputs
     _, grad_h, grad_w, grad_b = output
     ctx.has_bias = bias is not None
+    ctx.need_grads = need_grads
+    ctx.applied = None
+    ctx.mark_non_differentiable(grad_h, grad_w, grad_b)  # only the loss is differentiated
     ctx.save_for_backward(grad_h, grad_w, grad_b)
 
 
+def _tracing(t: Tensor) -> bool:
+    """True under torch.compile / AOT / make_fx tracing (fake, functional or proxied tensors)."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
+        return True
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return _get_current_dispatch_mode() is not None
+
+
 def _pcl_backward(ctx, g_loss, _gh, _gw, _gb):
+    if not ctx.need_grads:
+        raise RuntimeError("projection_cosine_loss was called with no input requiring grad")
     grad_h, grad_w, grad_b = ctx.saved_tensors
-    dh = (grad_h * g_loss).to(grad_h.dtype)
+    if _tracing(grad_h):
+        dh = (grad_h * g_loss).to(grad_h.dtype)
+    else:
+        # Eager: scale the (N, K) buffer made in the forward in place, so the backward does not
+        # hold a second (N, K) tensor (the Liger trick).  ``.data`` keeps autograd's version check
+        # quiet; a second backward (retain_graph=True) undoes the previous scale first.
+        buf = grad_h.data
+        if ctx.applied is None:
+            buf.mul_(g_loss)
+        else:
+            if bool(ctx.applied == 0):
+                raise RuntimeError("projection_cosine_loss: a second backward after a zero upstream "
+                                   "gradient cannot be reconstructed (the gradient is scaled in place)")
+            buf.mul_(g_loss / ctx.applied)
+        ctx.applied = g_loss.detach().clone()
+        dh = grad_h
     dw = (grad_w * g_loss).to(grad_w.dtype)
     db = (grad_b * g_loss).to(grad_b.dtype) if ctx.has_bias else None
-    return dh, dw, db, None, None, None
+    return dh, dw, db, None, None, None, None
 
 
 _projection_cosine_op.register_autograd(_pcl_backward, setup_context=_pcl_setup_context)
@@ -415,12 +464,24 @@ def projection_cosine_loss(h: Tensor, weight: Tensor, bias: Optional[Tensor], ta
 
     h (N, K), weight (Z, K), bias (Z,) or None, target (N, Z) (treated as constant).  Leading
     dimensions of h/target beyond 2 are flattened (mean over all tokens, as REPA with equal token
-    counts per sample).  Returns a 0-d fp32 tensor.
+    counts per sample).  Returns a 0-d fp32 tensor.  Gradients are computed in the forward only
+    when grad mode is on and h, weight or bias requires grad.  Under autocast, h/weight/bias are
+    cast to the autocast dtype first (as autocast would cast the projector's Linear).
     """
     _check_backend(backend)
+    dev_type = h.device.type
+    if dev_type in ("cuda", "cpu") and torch.is_autocast_enabled(dev_type):
+        # Custom ops bypass autocast; cast like autocast would cast the projector's F.linear, so the
+        # matmuls run in the autocast dtype (differentiable casts: grads reach fp32 weights).
+        dt = torch.get_autocast_dtype(dev_type)
+        h, weight = h.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
     if h.dim() > 2:
         h = h.reshape(-1, h.shape[-1])
     if target.dim() > 2:
         target = target.reshape(-1, target.shape[-1])
-    loss, _, _, _ = _projection_cosine_op(h, weight, bias, target.detach(), int(chunk_size or 0), backend)
+    need = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
+    loss, _, _, _ = _projection_cosine_op(h, weight, bias, target.detach(), int(chunk_size or 0),
+                                          bool(need), backend)
     return loss

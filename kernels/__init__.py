@@ -14,6 +14,8 @@ module records ``INTERPRET`` (the value it saw) when imported.
 ``POISON``: when True, every buffer the launchers (and the chunked loss driver in ``erw_fast.ops``)
 allocate is filled with NaN first, so an element a kernel fails to write shows up in tests.
 """
+import contextlib
+import functools
 import os
 
 import torch
@@ -44,4 +46,21 @@ def empty(shape, dtype, device):
     return t
 
 
-__all__ = ["LAUNCHES", "POISON", "interpret_env", "count_launch", "reset_launches", "empty"]
+def device_guard(t):
+    """Make ``t``'s CUDA device current for a launch (Triton launches on the current device)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device (cached)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+__all__ = ["LAUNCHES", "POISON", "interpret_env", "count_launch", "reset_launches", "empty", "device_guard", "sm_count"]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import count_launch, empty, interpret_env
+from . import count_launch, device_guard, empty, interpret_env, sm_count
 
 INTERPRET = interpret_env()  # what triton.jit saw when this module's kernels were defined
 
@@ -78,11 +78,12 @@ def cosine_loss_grad_rows(z, target, weight, eps=1e-12, dz=None, block_r=None, n
         num_warps = 4 if block_r * block_z <= 2048 else 8
     n_prog = triton.cdiv(R, block_r)
     loss_p = empty((n_prog,), torch.float32, z.device)
-    _cos_loss_grad_kernel[(n_prog,)](
-        z, target, dz, loss_p, R, NZ,
-        z.stride(0), target.stride(0), dz.stride(0),
-        float(weight), float(eps),
-        BLOCK_R=block_r, BLOCK_Z=block_z, num_warps=num_warps,
-    )
+    with device_guard(dz):
+        _cos_loss_grad_kernel[(n_prog,)](
+            z, target, dz, loss_p, R, NZ,
+            z.stride(0), target.stride(0), dz.stride(0),
+            float(weight), float(eps),
+            BLOCK_R=block_r, BLOCK_Z=block_z, num_warps=num_warps,
+        )
     count_launch("cosine_loss_grad_rows")
     return loss_p.sum(), dz

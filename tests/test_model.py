@@ -270,6 +270,7 @@ def test_load_checkpoint_reports_bad_files(ref, tmp_path):
     sd["extra.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match=r"missing from checkpoint \(1\): blocks.0.attn.qkv.bias"):
         load_checkpoint({"ema": sd}, model=SiT(**ref["config"]))
-    wrong = SiT(**{**ref["config"], "hidden_size": 32})
+    with pytest.warns(UserWarning, match="decoder_hidden_size=64 differs from hidden_size=32"):
+        wrong = SiT(**{**ref["config"], "hidden_size": 32})
     with pytest.raises(ValueError, match="does not fit the model"):
         load_checkpoint({"ema": ref["state_dict"]}, model=wrong)

@@ -1,7 +1,11 @@
-"""Dependency-free PNG writing (zlib + struct) for sample grids.
+"""Dependency-free PNG writing (zlib + struct; no PIL/matplotlib) and image-grid helpers.
 
-``save_png_grid(images, path, nrow, padding=1, upscale=1)`` is the stable entry point: images in
-[-1, 1], shape (N, C, H, W) with C = 1 (grayscale) or 3 (RGB), as a torch tensor or NumPy array.
+Stable entry points:
+- ``save_png_grid(images, path, nrow, padding=1, upscale=1)``: (N, C, H, W) images in [-1, 1],
+  C = 1 (grayscale) or 3 (RGB), tensor or NumPy array, written as one PNG grid, ``nrow`` images per row.
+- ``image_grid(images, nrow, pad=1, scale=1, value_range=(-1, 1))`` -> uint8 grid (the training
+  loop's helper) and ``write_png(path, image)`` (uint8 (H, W) or (H, W, 3); atomic; returns the path).
+- ``read_png(path)`` reads these files back (tests, tools).
 """
 from __future__ import annotations
 
@@ -10,12 +14,64 @@ import struct
 import zlib
 
 import numpy as np
+import torch
 
-__all__ = ["to_uint8", "make_grid", "write_png", "read_png", "save_png_grid"]
+__all__ = ["to_uint8", "make_grid", "image_grid", "write_png", "read_png", "save_png_grid"]
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def write_png(path: str, image) -> str:
+    """Write a uint8 image (H, W) grey, (H, W, 1) grey or (H, W, 3) RGB to ``path`` (atomically); returns the path."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ValueError(f"write_png wants uint8, got {a.dtype}")
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        color = 0
+    elif a.ndim == 3 and a.shape[2] == 3:
+        color = 2
+    else:
+        raise ValueError(f"write_png wants (H, W) or (H, W, 3), got {a.shape}")
+    h, w = a.shape[:2]
+    rows = np.ascontiguousarray(a).reshape(h, -1)
+    raw = np.concatenate([np.zeros((h, 1), np.uint8), rows], axis=1).tobytes()  # filter type 0 per row
+    png = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+           + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b""))
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(png)
+    os.replace(tmp, path)
+    return path
+
+
+def image_grid(images: torch.Tensor, nrow: int, pad: int = 1, scale: int = 1, value_range=(-1.0, 1.0)) -> np.ndarray:
+    """(N, C, H, W) images in ``value_range`` to a uint8 grid with ``nrow`` images per row.
+
+    One channel gives (H', W') grey, three give (H', W', 3). ``scale`` repeats pixels (nearest).
+    """
+    x = images.detach().float().cpu()
+    lo, hi = value_range
+    x = ((x - lo) / (hi - lo)).clamp(0, 1)
+    if scale > 1:
+        x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
+    n, c, h, w = x.shape
+    ncol_rows = (n + nrow - 1) // nrow
+    grid = torch.zeros(c, ncol_rows * (h + pad) + pad, nrow * (w + pad) + pad)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    out = (grid * 255 + 0.5).to(torch.uint8).numpy()
+    return out[0] if c == 1 else np.ascontiguousarray(out.transpose(1, 2, 0))
 
 
 def _as_numpy(images) -> np.ndarray:
-    if hasattr(images, "detach"):  # torch tensor, without importing torch here
+    if torch.is_tensor(images):
         images = images.detach().float().cpu().numpy()
     return np.asarray(images)
 
@@ -60,36 +116,18 @@ def make_grid(images, nrow: int, padding: int = 1, upscale: int = 1, pad_value: 
     return grid
 
 
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+def save_png_grid(images, path: str, nrow: int, padding: int = 1, upscale: int = 1, pad_value: float = 1.0) -> np.ndarray:
+    """Write (N, C, H, W) images in [-1, 1] as one PNG grid with ``nrow`` images per row.
 
-
-def write_png(image, path: str) -> None:
-    """Write a uint8 image (H, W), (H, W, 1) or (H, W, 3) as an 8-bit grayscale or RGB PNG."""
-    a = np.asarray(image)
-    if a.dtype != np.uint8:
-        raise ValueError(f"write_png needs uint8 pixels, got {a.dtype}")
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim == 2:
-        color_type, channels = 0, 1
-    elif a.ndim == 3 and a.shape[2] == 3:
-        color_type, channels = 2, 3
-    else:
-        raise ValueError(f"image must be (H, W) or (H, W, 1|3), got shape {a.shape}")
-    height, width = a.shape[:2]
-    rows = np.ascontiguousarray(a).reshape(height, width * channels)
-    raw = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1).tobytes()  # filter 0 per row
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, 9)) + _chunk(b"IEND", b"")
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(data)
+    Grayscale for C = 1, RGB for C = 3. Returns the uint8 grid that was written (H', W', C).
+    """
+    grid = make_grid(images, nrow, padding=padding, upscale=upscale, pad_value=pad_value)
+    write_png(path, grid)
+    return grid
 
 
 def read_png(path: str) -> np.ndarray:
-    """Read back an 8-bit grayscale/RGB, non-interlaced PNG (as written by :func:`write_png`)."""
+    """Read back an 8-bit grayscale/RGB, non-interlaced PNG (any filter types)."""
     with open(path, "rb") as f:
         data = f.read()
     if data[:8] != b"\x89PNG\r\n\x1a\n":
@@ -114,34 +152,25 @@ def read_png(path: str) -> np.ndarray:
     prev = np.zeros(width * ch, np.int32)
     for y in range(height):  # undo the five PNG filters
         ftype, line = raw[y, 0], raw[y, 1:].astype(np.int32)
-        cur = np.zeros_like(line)
-        for i in range(len(line)):
-            a = cur[i - ch] if i >= ch else 0
-            b = prev[i]
-            c = prev[i - ch] if i >= ch else 0
-            if ftype == 0:
-                pred = 0
-            elif ftype == 1:
-                pred = a
-            elif ftype == 2:
-                pred = b
-            elif ftype == 3:
-                pred = (a + b) // 2
-            else:
-                p = a + b - c
-                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-                pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
-            cur[i] = (line[i] + pred) & 0xFF
+        if ftype == 0:
+            cur = line
+        elif ftype == 2:
+            cur = (line + prev) & 0xFF
+        else:
+            cur = np.zeros_like(line)
+            for i in range(len(line)):
+                a = cur[i - ch] if i >= ch else 0
+                b = prev[i]
+                c = prev[i - ch] if i >= ch else 0
+                if ftype == 1:
+                    pred = a
+                elif ftype == 3:
+                    pred = (a + b) // 2
+                else:
+                    p = a + b - c
+                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    pred = a if pa <= pb and pa <= pc else (b if pb <= pc else c)
+                cur[i] = (line[i] + pred) & 0xFF
         out[y], prev = cur, cur
     out = out.astype(np.uint8).reshape(height, width, ch)
     return out[:, :, 0] if ch == 1 else out
-
-
-def save_png_grid(images, path: str, nrow: int, padding: int = 1, upscale: int = 1, pad_value: float = 1.0) -> np.ndarray:
-    """Write (N, C, H, W) images in [-1, 1] as one PNG grid with ``nrow`` images per row.
-
-    Grayscale for C = 1, RGB for C = 3. Returns the uint8 grid that was written (H', W', C).
-    """
-    grid = make_grid(images, nrow, padding=padding, upscale=upscale, pad_value=pad_value)
-    write_png(grid, path)
-    return grid

@@ -1,0 +1,13 @@
+"""Target encoders for representation alignment, behind one interface and a name registry.
+
+A target encoder is a frozen ``torch.nn.Module`` (see ``TargetEncoder``) that maps images in the
+model's pixel space to per-patch features ``(B, T, C)`` on a token grid. ``build_encoder(name)``
+builds one by name; ``--encoder a,b`` builds several (one projector each). The embedded
+``digits-cnn`` ships with the package; DINOv2 registers itself here later.
+"""
+from .base import ENCODERS, TargetEncoder, build_encoder, build_encoders, check_token_grid, register_encoder
+from . import digits  # noqa: F401  (registers "digits-cnn")
+from . import dinov2  # noqa: F401  (registers "dinov2-vit-{s,b,l,g}[_reg]"; transformers is imported lazily)
+
+__all__ = ["ENCODERS", "TargetEncoder", "build_encoder", "build_encoders", "check_token_grid",
+           "register_encoder"]

@@ -1,0 +1,82 @@
+"""``digits-cnn``: the embedded target encoder for the digits default (stands in for DINOv2).
+
+A small conv net pre-trained by this project on the embedded digits (supervised, see
+``pretrain_digits.py``; the shipped weights ``erw_fast/assets/digits_encoder.pt`` come from
+``python -m erw_fast.encoders.pretrain_digits``). Its stride-2 feature map gives an 8x8 grid
+for 16x16 inputs: 64 tokens, the SiT token grid at patch 2. The features are the last conv
+stage's activations, one ``width``-dim vector per patch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import TargetEncoder, register_encoder
+
+ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits_encoder.pt")
+
+
+def _conv(cin, cout, stride=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8, cout), nn.GELU())
+
+
+class DigitsCNN(nn.Module):
+    """Conv net: 16x16 → (stem) → stride-2 → two residual conv stages → 8x8 feature map; a linear
+    head on the pooled map is used only during pre-training."""
+
+    def __init__(self, width: int = 64, stem: int = 32, num_classes: int = 10, in_channels: int = 1):
+        super().__init__()
+        self.config = dict(width=width, stem=stem, num_classes=num_classes, in_channels=in_channels)
+        self.stem = _conv(in_channels, stem)
+        self.down = _conv(stem, width, stride=2)
+        self.stage1 = _conv(width, width)
+        self.stage2 = _conv(width, width)
+        self.head = nn.Linear(width, num_classes)
+
+    def feature_map(self, x):
+        h = self.down(self.stem(x))
+        h = h + self.stage1(h)
+        return h + self.stage2(h)
+
+    def forward(self, x):
+        return self.head(self.feature_map(x).mean(dim=(2, 3)))
+
+
+class DigitsEncoder(TargetEncoder):
+    """TargetEncoder over ``DigitsCNN``: images (B, 1, S, S) in [-1, 1] → (B, (S/2)^2, width)."""
+
+    name = "digits-cnn"
+
+    def __init__(self, net: DigitsCNN, input_size: int = 16):
+        super().__init__()
+        self.net = net
+        self.input_size = input_size
+        self.dim = net.config["width"]
+        self.token_grid = input_size // 2
+
+    def encode(self, images):
+        if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   align_corners=False)
+        fmap = self.net.feature_map(images)
+        return fmap.flatten(2).transpose(1, 2)
+
+
+def load_digits_cnn(path: str = ASSET) -> DigitsCNN:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"digits encoder weights not found at {path}; rebuild them with "
+            "`python -m erw_fast.encoders.pretrain_digits`"
+        )
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    net = DigitsCNN(**blob["config"])
+    net.load_state_dict(blob["state_dict"])
+    return net
+
+
+@register_encoder("digits-cnn")
+def build_digits_cnn(path: str = ASSET, input_size: int = 16, **_ignored) -> DigitsEncoder:
+    return DigitsEncoder(load_digits_cnn(path), input_size=input_size)

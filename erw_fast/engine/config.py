@@ -1,0 +1,170 @@
+"""The training configuration (one dataclass) and the per-model / per-dataset defaults.
+
+Fields left at ``None`` are filled by ``resolve_config`` from ``MODEL_DEFAULTS`` (the method's
+depths and λ0, per model size) and ``DATA_DEFAULTS`` (run length, batch, lr, EMA, half-life,
+sampling, per dataset). The digits defaults are chosen for a run of a few minutes on 2 CPU cores,
+not copied from the 400K-step ImageNet recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from ..erw import ALIGN_KINDS, SCHEDULE_KINDS, get_method
+
+def _register_digits_size():
+    """SiT-D/{2,4,8}: a 4-block, 96-wide SiT sized for the digits default on 2 CPU cores.
+
+    Registered here so the default run has a named model; it belongs next to the other sizes in
+    ``erw_fast/models/sit.py`` (SIZES) and this function becomes a no-op once it is there.
+    """
+    from ..models import sit
+
+    sit.SIZES.setdefault("D", dict(depth=4, hidden_size=96, num_heads=2))
+    for patch in (2, 4, 8):
+        sit.SiT_models.setdefault(f"SiT-D/{patch}", sit._factory("D", patch))
+
+
+_register_digits_size()
+
+# Per model size: ERW's warmup region (l2r depth), the alignment block, λ0.
+# XL/L/B follow the ERW/REPA releases (XL: L=4, alignment at block 14, λ0 6; L: 8, 3; B/S: 4, 1).
+MODEL_DEFAULTS = {
+    "D": dict(l2r_depth=2, encoder_depth=2, lambda0=1.0),
+    "T": dict(l2r_depth=2, encoder_depth=3, lambda0=1.0),
+    "S": dict(l2r_depth=4, encoder_depth=4, lambda0=1.0),
+    "B": dict(l2r_depth=4, encoder_depth=4, lambda0=1.0),
+    "L": dict(l2r_depth=4, encoder_depth=8, lambda0=3.0),
+    "XL": dict(l2r_depth=4, encoder_depth=14, lambda0=6.0),
+}
+
+# Per dataset: run length and optimisation. ``half_life``/``ema_decay`` are scaled to the length.
+DATA_DEFAULTS = {
+    "digits": dict(
+        model="SiT-D/2", warmup_steps=200, steps=1200, batch_size=64, lr=1e-3, ema_decay=0.99,
+        half_life=400, projector_dim=256, sample_every=0, ckpt_every=0, sample_steps=50,
+        sampler="sde", cfg_scale=2.0, guidance_high=1.0, samples_per_class=10, log_every=10,
+    ),
+    # REPA/ERW ImageNet recipe, for when latent data lands (see ERW_SPEC.md)
+    "latents": dict(
+        model="SiT-XL/2", warmup_steps=100_000, steps=400_000, batch_size=256, lr=1e-4, ema_decay=0.9999,
+        half_life=50_000, projector_dim=2048, sample_every=10_000, ckpt_every=50_000, sample_steps=250,
+        sampler="sde", cfg_scale=1.0, guidance_high=1.0, samples_per_class=1, log_every=100,
+    ),
+}
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``None`` = the per-model/per-dataset default (see module doc)."""
+
+    method: str = "erw"
+    model: Optional[str] = None
+    data: str = "digits"
+    encoder: str = "digits-cnn"
+    out: str = "runs/erw-digits"
+    resume: Optional[str] = None           # None, "auto" (latest in out/checkpoints) or a path
+    # method
+    l2r_depth: Optional[int] = None
+    encoder_depth: Optional[int] = None
+    warmup_steps: Optional[int] = None
+    steps: Optional[int] = None             # phase-2 steps
+    lambda_schedule: Optional[str] = None   # halflife | exp | constant (default: the method's)
+    lambda0: Optional[float] = None
+    half_life: Optional[float] = None
+    tau: Optional[float] = None
+    align_loss: str = "cosine"
+    temperature: float = 0.1
+    # model
+    rope: bool = True
+    qk_norm: bool = False
+    attn_backend: str = "auto"
+    fused: Optional[Union[bool, str]] = None
+    projector_dim: Optional[int] = None
+    class_dropout: float = 0.1
+    compile: bool = False
+    # optimisation
+    batch_size: Optional[int] = None        # global batch (all ranks together)
+    lr: Optional[float] = None
+    grad_clip: float = 1.0
+    ema_decay: Optional[float] = None
+    precision: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    # output
+    sample_every: Optional[int] = None      # 0 = only the final grid
+    ckpt_every: Optional[int] = None        # 0 = only the final checkpoint (and the transfer one)
+    log_every: Optional[int] = None
+    sample_steps: Optional[int] = None
+    sampler: Optional[str] = None
+    cfg_scale: Optional[float] = None
+    guidance_high: Optional[float] = None
+    samples_per_class: Optional[int] = None
+    progress: bool = True
+    # testing hooks (not CLI flags)
+    stop_after: Optional[int] = None        # stop (with a checkpoint) after this many total steps
+    debug_nan_at_step: Optional[int] = None  # inject a NaN loss at this total step
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Fields that a resumed run takes from the new call rather than from the checkpoint.
+# ``RESUME_OVERRIDABLE`` win when set (not None); ``RESUME_FROM_CALL`` always come from the new call.
+RESUME_OVERRIDABLE = ("steps", "sample_every", "ckpt_every", "log_every", "attn_backend", "fused",
+                      "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class")
+RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device")
+
+
+def model_size(name: str) -> str:
+    from ..models.sit import SiT_models
+
+    if name not in SiT_models:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(SiT_models)}")
+    return name.removeprefix("SiT-").split("/")[0]
+
+
+def resolve_config(cfg: TrainConfig) -> TrainConfig:
+    """A copy of ``cfg`` with every ``None`` default filled in and every value checked."""
+    c = dataclasses.replace(cfg)
+    method = get_method(c.method)
+    data_key = "digits" if c.data == "digits" else "latents"
+    for k, v in DATA_DEFAULTS[data_key].items():
+        if getattr(c, k) is None:
+            setattr(c, k, v)
+    size = model_size(c.model)
+    from ..models.sit import SIZES
+
+    depth = SIZES[size]["depth"]
+    for k, v in MODEL_DEFAULTS[size].items():
+        if getattr(c, k) is None:
+            setattr(c, k, v)
+    if c.lambda_schedule is None:
+        c.lambda_schedule = method.schedule
+    if c.lambda_schedule not in SCHEDULE_KINDS:
+        raise ValueError(f"unknown lambda schedule {c.lambda_schedule!r}; choose one of {SCHEDULE_KINDS}")
+    if c.align_loss not in ALIGN_KINDS:
+        raise ValueError(f"unknown alignment loss {c.align_loss!r}; choose one of {ALIGN_KINDS}")
+    if c.precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {c.precision!r}; choose one of {PRECISIONS}")
+    if not 1 <= c.encoder_depth <= depth:
+        raise ValueError(f"--encoder-depth {c.encoder_depth} is outside 1..{depth} (the depth of {c.model})")
+    if method.warmup:
+        if not 1 <= c.l2r_depth <= depth:
+            raise ValueError(f"--l2r-depth {c.l2r_depth} is outside 1..{depth} (the depth of {c.model})")
+        if c.encoder_depth < c.l2r_depth:
+            raise ValueError(
+                f"--encoder-depth {c.encoder_depth} is below --l2r-depth {c.l2r_depth}: the alignment block "
+                "must lie at or after the warmed-up region"
+            )
+    for name in ("warmup_steps", "steps", "sample_every", "ckpt_every"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+    if c.batch_size < 1 or c.lr <= 0 or not 0 <= c.ema_decay < 1 or c.log_every < 1:
+        raise ValueError(f"bad optimisation settings: batch {c.batch_size}, lr {c.lr}, ema {c.ema_decay}")
+    if not method.warmup:
+        c.warmup_steps = 0
+    return c

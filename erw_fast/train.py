@@ -1,0 +1,128 @@
+"""Train ERW (default), REPA or vanilla SiT: ``python -m erw_fast.train [flags]``.
+
+With no flags: ERW on the embedded handwritten digits (16x16, 10 classes) with the embedded
+``digits-cnn`` target encoder and a tiny SiT-T/2 — warmup, transfer, full training — writing
+checkpoints, metrics.jsonl and a PNG grid of EMA samples (one row per class) to runs/erw-digits.
+Add ``--compile`` to compile the SiT blocks. Multi-GPU: ``torchrun --nproc_per_node N -m erw_fast.train``.
+
+Flags left unset take per-model / per-dataset defaults (see erw_fast/engine/config.py); the
+chosen values are printed and saved in <out>/config.json and in every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .engine import NonFiniteLossError, RunFolderError, TrainConfig, train
+from .engine.config import DATA_DEFAULTS, MODEL_DEFAULTS
+
+
+def _fused(v: str):
+    low = v.lower()
+    if low in ("auto",):
+        return None
+    if low in ("1", "true", "on", "yes"):
+        return True
+    if low in ("0", "false", "off", "no"):
+        return False
+    if low in ("triton", "torch"):
+        return low
+    raise argparse.ArgumentTypeError(f"--fused takes auto, on, off, triton or torch; got {v!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DATA_DEFAULTS["digits"]
+    t = MODEL_DEFAULTS["T"]
+    p = argparse.ArgumentParser(
+        prog="python -m erw_fast.train", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="erw", help="erw (warmup + transfer + full training with decaying λ), "
+                   "repa (constant λ from scratch) or vanilla (velocity loss only). Default: erw")
+    g.add_argument("--l2r-depth", type=int, help=f"ERW warmup region: blocks 0..L-1 are warmed up and transferred "
+                   f"(default per model: {t['l2r_depth']} for SiT-T, 4 for S/B/L/XL)")
+    g.add_argument("--encoder-depth", type=int, help="block whose output is aligned in full training, "
+                   f">= --l2r-depth (default per model: {t['encoder_depth']} T, 4 S/B, 8 L, 14 XL)")
+    g.add_argument("--warmup-steps", type=int, help=f"ERW phase-1 steps (default {d['warmup_steps']} on digits; "
+                   "ignored for repa/vanilla)")
+    g.add_argument("--steps", type=int, help=f"full-training (phase-2) steps (default {d['steps']} on digits)")
+    g.add_argument("--lambda-schedule", choices=("halflife", "exp", "constant"),
+                   help="λ(k) over phase-2 steps k: halflife λ0·2^(-k/h) (ERW default), exp λ0·exp(-k/τ), "
+                   "constant (REPA default)")
+    g.add_argument("--lambda0", type=float, help=f"alignment weight λ0 at the start of full training "
+                   f"(default per model: {t['lambda0']} T/S/B, 3 L, 6 XL)")
+    g.add_argument("--half-life", type=float, help=f"λ half-life in phase-2 steps (default {d['half_life']} on "
+                   "digits, scaled to the run; 50000 in the ImageNet recipe)")
+    g.add_argument("--tau", type=float, help="time constant of the exp schedule (default half-life / ln 2)")
+    g.add_argument("--align-loss", default="cosine", choices=("cosine", "ntxent"),
+                   help="alignment loss: negative cosine per token (default) or NT-Xent with in-batch negatives")
+    g.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature (default 0.1)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help=f"SiT size, e.g. SiT-T/2, SiT-S/2, SiT-B/2, SiT-XL/2 (default {d['model']} on digits)")
+    g.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True,
+                   help="2-D rotary position embedding in attention, same in both phases (default on, as ERW)")
+    g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="LayerNorm on queries and keys, same in both phases (default off)")
+    g.add_argument("--attn-backend", default="auto", choices=("auto", "flash", "xformers", "sdpa", "math"),
+                   help="attention implementation (default auto: flash-attn > xformers > SDPA)")
+    g.add_argument("--fused", type=_fused, default=None, metavar="{auto,on,off,triton,torch}",
+                   help="fused ops (LayerNorm+modulate, gated residual, projection+cosine loss): auto = on for "
+                   "CUDA with Triton (default), on/off, or force a backend")
+    g.add_argument("--no-fused", dest="fused", action="store_const", const=False, help="same as --fused off")
+    g.add_argument("--projector-dim", type=int, help=f"hidden width of the projector MLP (default {d['projector_dim']} "
+                   "on digits, 2048 as REPA otherwise)")
+    g.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for guidance (default 0.1)")
+    g.add_argument("--compile", action="store_true", help="torch.compile each SiT block (fullgraph)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, help=f"global batch over all processes (default {d['batch_size']} on digits)")
+    g.add_argument("--lr", type=float, help=f"AdamW learning rate, constant (default {d['lr']} on digits, 1e-4 ImageNet)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default 1.0)")
+    g.add_argument("--ema-decay", type=float, help=f"EMA decay per step (default {d['ema_decay']} on digits, "
+                   "scaled to the run; 0.9999 ImageNet)")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto = bf16 autocast on CUDA (normalisations in fp32), fp32 on CPU")
+    g.add_argument("--seed", type=int, default=0, help="seed of init, data order and every per-sample draw (default 0)")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    g = p.add_argument_group("data and target encoder")
+    g.add_argument("--data", default="digits", help="dataset (default digits: the embedded handwritten digits)")
+    g.add_argument("--encoder", default="digits-cnn", help="target encoder(s), comma-separated "
+                   "(default digits-cnn: the embedded encoder, 8x8 tokens for 16x16 images)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/erw-digits", help="output folder (default runs/erw-digits); a folder "
+                   "holding another run is refused unless --resume")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                   help="continue the run in --out from its latest checkpoint, or from CKPT")
+    g.add_argument("--sample-every", type=int, help="write an EMA sample grid every N steps (0 = only at the end; "
+                   "every run ends with one)")
+    g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0 = only at the transfer and the end; "
+                   "every run ends with one)")
+    g.add_argument("--log-every", type=int, help=f"log metrics every N steps (default {d['log_every']} on digits)")
+    g.add_argument("--sample-steps", type=int, help=f"sampler steps for the grid (default {d['sample_steps']} on digits)")
+    g.add_argument("--sampler", choices=("sde", "ode-euler", "ode-heun"), help="sampler for the grid (default sde)")
+    g.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance scale for the grid "
+                   f"(default {d['cfg_scale']} on digits)")
+    g.add_argument("--samples-per-class", type=int, help=f"grid columns (default {d['samples_per_class']})")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = set(TrainConfig.__dataclass_fields__)
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = train(config_from_args(args))
+    except (ValueError, FileNotFoundError, RunFolderError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0 if result.status in ("finished", "interrupted", "stopped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The sampling CLI on a tiny random SiT: outputs, EMA default, per-index seeding across ranks, errors."""
+import numpy as np
+import pytest
+import torch
+
+from erw_fast.models.sit import SiT
+from erw_fast.sample import generate, labels_for_indices, main, parse_interval
+from erw_fast.utils.png import read_png
+
+CFG = dict(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, encoder_depth=1,
+           num_classes=3, z_dims=[8], projector_dim=16, class_dropout_prob=0.1)
+
+
+def _random_sit(seed, **overrides):
+    torch.manual_seed(seed)
+    model = SiT(**{**CFG, **overrides})
+    with torch.no_grad():  # leave adaLN-Zero's zero init so the output depends on the weights
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    model, ema = _random_sit(0), _random_sit(1)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": {},
+                "args": {"model_config": CFG, "model": "tiny"}, "steps": 10}, path)
+    return str(path)
+
+
+def _load(path):
+    with np.load(path) as f:
+        return f["arr_0"], f["labels"]
+
+
+def test_cli_writes_npz_and_png(ckpt, tmp_path):
+    out = tmp_path / "run"
+    res = main(["--ckpt", ckpt, "--num-samples", "7", "--out", str(out), "--steps", "3", "--batch-size", "4",
+                "--no-progress", "--cfg-scale", "2.0", "--guidance-interval", "0,0.7"])
+    arr, labels = _load(out / "samples.npz")
+    assert arr.dtype == np.uint8 and arr.shape == (7, 8, 8, 1)
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert res["shape"] == (7, 8, 8, 1)
+    png = read_png(str(out / "samples.png"))
+    # 3 class rows x 2 samples each (the fewest per class), upscaled 8x, 1-px padding
+    assert png.shape == (3 * 65 + 1, 2 * 65 + 1)
+    assert arr.std() > 0
+
+
+def test_cli_npz_path_class_and_ema_default(ckpt, tmp_path):
+    out = str(tmp_path / "s.npz")
+    main(["--ckpt", ckpt, "--num-samples", "4", "--out", out, "--steps", "2", "--class", "2",
+          "--sampler", "ode-heun", "--no-png", "--no-progress", "--seed", "5"])
+    arr, labels = _load(out)
+    assert (labels == 2).all() and arr.shape == (4, 8, 8, 1)
+    assert not (tmp_path / "s.png").exists()
+    # EMA weights by default: identical to sampling the EMA model directly, different from --weights model
+    ema = _random_sit(1).eval()
+    direct, _ = generate(ema, range(4), (1, 8, 8), [2], seed=5, sampler="ode-heun", steps=2, batch_size=3)
+    assert np.abs(direct.astype(int) - arr.astype(int)).max() <= 1
+    out2 = str(tmp_path / "m.npz")
+    main(["--ckpt", ckpt, "--num-samples", "4", "--out", out2, "--steps", "2", "--class", "2",
+          "--sampler", "ode-heun", "--no-png", "--no-progress", "--seed", "5", "--weights", "model"])
+    assert np.abs(_load(out2)[0].astype(int) - arr.astype(int)).max() > 5
+
+
+def test_samples_do_not_depend_on_world_size(ckpt, tmp_path):
+    common = ["--ckpt", ckpt, "--num-samples", "9", "--steps", "4", "--no-progress", "--seed", "3"]
+    one = str(tmp_path / "one.npz")
+    main(common + ["--out", one, "--batch-size", "4"])
+    two = str(tmp_path / "two.npz")
+    r1 = main(common + ["--out", two, "--batch-size", "2"], rank=1, world_size=2)
+    assert "shard" in r1 and not (tmp_path / "two.npz").exists()
+    main(common + ["--out", two, "--batch-size", "3"], rank=0, world_size=2)
+    a1, l1 = _load(one)
+    a2, l2 = _load(two)
+    assert np.array_equal(l1, l2)
+    diff = np.abs(a1.astype(int) - a2.astype(int))
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99  # batch-size round-off only
+    assert not (tmp_path / "two.shards").exists()
+    # a different seed gives different images
+    other = str(tmp_path / "other.npz")
+    main(["--ckpt", ckpt, "--num-samples", "9", "--steps", "4", "--no-progress", "--seed", "4", "--out", other,
+          "--no-png"])
+    assert np.abs(_load(other)[0].astype(int) - a1.astype(int)).max() > 5
+
+
+def test_merge_needs_every_shard(ckpt, tmp_path):
+    with pytest.raises(RuntimeError, match="missing shards"):
+        main(["--ckpt", ckpt, "--num-samples", "4", "--steps", "1", "--no-progress", "--out",
+              str(tmp_path / "x.npz")], rank=0, world_size=2)
+
+
+def test_bad_inputs(ckpt, tmp_path):
+    base = ["--ckpt", ckpt, "--out", str(tmp_path / "b.npz"), "--steps", "1", "--no-progress"]
+    with pytest.raises(ValueError, match="num-samples"):
+        main(base + ["--num-samples", "0"])
+    with pytest.raises(ValueError, match="class"):
+        main(base + ["--num-samples", "2", "--class", "3"])
+    with pytest.raises(ValueError, match="class"):
+        main(base + ["--num-samples", "2", "--class", "two"])
+    with pytest.raises(ValueError, match="guidance-interval"):
+        main(base + ["--num-samples", "2", "--guidance-interval", "0.8,0.2"])
+    with pytest.raises(ValueError, match="steps"):
+        main(base + ["--num-samples", "2", "--steps", "0"])
+    with pytest.raises(SystemExit):
+        main(base + ["--num-samples", "2", "--sampler", "ddim"])
+    with pytest.raises(FileNotFoundError):
+        main(["--ckpt", str(tmp_path / "none.pt"), "--num-samples", "1", "--out", str(tmp_path / "c.npz")])
+    # a model trained without label dropout has no null class: guidance is refused clearly
+    path = tmp_path / "nodrop.pt"
+    cfg = {**CFG, "class_dropout_prob": 0.0}
+    torch.save({"ema": _random_sit(2, class_dropout_prob=0.0).state_dict(), "args": {"model_config": cfg}}, path)
+    with pytest.raises(ValueError, match="null class"):
+        main(["--ckpt", str(path), "--num-samples", "2", "--out", str(tmp_path / "d.npz"), "--cfg-scale", "2"])
+
+
+def test_helpers():
+    assert parse_interval("0,0.7") == (0.0, 0.7) and parse_interval("0.95") == (0.0, 0.95)
+    assert parse_interval("0.1:0.9") == (0.1, 0.9)
+    assert labels_for_indices([0, 1, 5], [4, 7]).tolist() == [4, 7, 7]
+
+
+# --------------------------------------------------------------------------------------------
+# python -m erw_fast.sample / erw_fast.evaluate as real processes and evaluate's API
+# --------------------------------------------------------------------------------------------
+def test_module_entry_points(ckpt, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "p.npz"
+    r = subprocess.run([sys.executable, "-m", "erw_fast.sample", "--ckpt", ckpt, "--num-samples", "3", "--out",
+                        str(out), "--steps", "2", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert out.exists() and (tmp_path / "p.png").exists()
+    r = subprocess.run([sys.executable, "-m", "erw_fast.evaluate", "--npz", str(out)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["num_samples"] == 3 and res["fid"] >= 0 and 0 <= res["accuracy"] <= 1
+
+
+def test_evaluate_npz_of_real_digits(tmp_path):
+    from erw_fast.data.digits import DigitsDataset
+    from erw_fast.evaluate import main as evaluate
+
+    val = DigitsDataset(split="val")
+    arr = np.clip(np.rint((val.images.numpy() + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    path = tmp_path / "val.npz"
+    np.savez(path, arr_0=arr, labels=val.labels.numpy())
+    res = evaluate(["--npz", str(path), "--json-out", str(tmp_path / "r.json")])
+    assert res["accuracy"] >= 0.99 and res["num_samples"] == len(arr)
+    noise = np.random.default_rng(0).integers(0, 256, arr.shape, dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", arr_0=noise)
+    bad = evaluate(["--npz", str(tmp_path / "noise.npz")])
+    assert "accuracy" not in bad and bad["fid"] > 10 * res["fid"]
+    assert (tmp_path / "r.json").exists()
+
+
+def test_evaluate_checkpoint_and_errors(ckpt, tmp_path):
+    from erw_fast.evaluate import main as evaluate
+
+    res = evaluate(["--ckpt", ckpt, "--num-samples", "12", "--steps", "2", "--sampler", "ode-euler",
+                    "--save-npz", str(tmp_path / "g.npz")])
+    assert res["num_samples"] == 12 and "warning" in res and 0 <= res["accuracy"] <= 1
+    assert _load(tmp_path / "g.npz")[0].shape == (12, 8, 8, 1)
+    with pytest.raises(FileNotFoundError):
+        evaluate(["--npz", str(tmp_path / "missing.npz")])
+    np.savez(tmp_path / "nokey.npz", images=np.zeros((3, 8, 8, 1), np.uint8))
+    with pytest.raises(ValueError, match="arr_0"):
+        evaluate(["--npz", str(tmp_path / "nokey.npz")])
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((3, 8, 8, 1), np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        evaluate(["--npz", str(tmp_path / "float.npz")])
+    with pytest.raises(ValueError, match="num-samples"):
+        evaluate(["--ckpt", ckpt, "--num-samples", "1"])
+    with pytest.raises(FileNotFoundError, match="Inception"):
+        evaluate(["--npz", str(tmp_path / "g.npz"), "--feature-net", "inception"])
+
+
+def test_latent_model_is_decoded_with_a_local_sd_vae(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16)
+    vae.save_pretrained(str(tmp_path / "vae"))
+    cfg = {**CFG, "in_channels": 4}
+    path = tmp_path / "latent.pt"
+    torch.save({"ema": _random_sit(0, in_channels=4).state_dict(), "args": {"model_config": cfg}}, path)
+    out = tmp_path / "lat.npz"
+    res = main(["--ckpt", str(path), "--num-samples", "3", "--out", str(out), "--vae", str(tmp_path / "vae"),
+                "--steps", "2", "--no-progress"])
+    arr, _ = _load(out)
+    assert arr.shape == (3, 16, 16, 3) and arr.dtype == np.uint8 and res["png"].endswith("lat.png")
+    with pytest.raises(FileNotFoundError, match="VAE|vae"):
+        main(["--ckpt", str(path), "--num-samples", "1", "--out", str(tmp_path / "x.npz"), "--vae",
+              str(tmp_path / "no_such_vae"), "--steps", "1", "--no-progress"])

@@ -1,0 +1,199 @@
+"""The training engine and CLI: short runs, checkpoints, resume exactness, NaN stop, bad inputs."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from erw_fast.engine import NonFiniteLossError, RunFolderError, TrainConfig, resolve_config, train
+from erw_fast.engine import loop as loop_mod
+from erw_fast.train import build_parser, config_from_args, main
+
+pytestmark = pytest.mark.filterwarnings("ignore:decoder_hidden_size")
+
+
+def cfg(tmp_path, name="run", **kw):
+    base = dict(out=str(tmp_path / name), warmup_steps=3, steps=4, batch_size=8, log_every=1, sample_steps=2,
+                samples_per_class=1, progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def records(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(out):
+    """step -> (loss, align, velocity) from the log (the last entry wins if a step was logged twice)."""
+    return {r["step"]: (r["loss"], r["loss_align"], r["loss_velocity"]) for r in records(out) if "loss" in r}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("method", ["erw", "repa", "vanilla"])
+def test_short_run_each_method(tmp_path, method):
+    res = train(cfg(tmp_path, method=method))
+    assert res.status == "finished"
+    total = 7 if method == "erw" else 4
+    assert res.steps == total
+    ck = load(res.checkpoint)
+    assert set(ck) >= {"model", "ema", "opt", "args", "steps", "phase", "transfer"}
+    assert type(ck["args"]) is dict and ck["args"]["method"] == method and ck["steps"] == total
+    assert os.path.basename(res.checkpoint) == f"{total:07d}.pt"
+    with open(res.samples_png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    recs = records(res.out)
+    events = {r.get("event") for r in recs}
+    assert "samples" in events and "checkpoint" in events
+    losses = step_losses(res.out)
+    assert sorted(losses) == list(range(1, total + 1))
+    if method == "erw":
+        tr = ck["transfer"]
+        assert tr["from_step"] == 3 and tr["num_keys"] == len(tr["keys"]) > 0
+        assert any(k.startswith("blocks.1.") for k in tr["keys"]) and not any(k.startswith("blocks.2.") for k in tr["keys"])
+        assert "transfer" in events and "warmup_cost" in events
+        wc = next(r for r in recs if r.get("event") == "warmup_cost")
+        assert wc["steps"] == 3 and wc["seconds"] > 0 and wc["flops_per_step"] > 0
+        # warmup steps log the alignment loss only; phase 2 logs both
+        assert all(losses[s][2] == 0.0 and losses[s][0] == losses[s][1] for s in (1, 2, 3))
+        assert os.path.exists(os.path.join(res.out, "checkpoints", "0000003.pt"))
+    if method == "vanilla":
+        assert not any(k.startswith("projectors") for k in ck["model"])
+        assert all(v[1] == 0.0 for v in losses.values())
+    # the EMA checkpoint loads as a model through the public loader
+    from erw_fast import load_checkpoint
+
+    model = load_checkpoint(res.checkpoint)
+    assert model.use_rope and model.depth == 4
+
+
+def test_resume_is_exact(tmp_path):
+    full = train(cfg(tmp_path, "full"))
+    part = cfg(tmp_path, "part", stop_after=2)  # stop inside the warmup
+    r1 = train(part)
+    assert r1.status == "stopped" and r1.steps == 2
+    r2 = train(cfg(tmp_path, "part", resume="auto", stop_after=5))  # through the transfer, stop in phase 2
+    assert r2.status == "stopped" and r2.steps == 5
+    r3 = train(cfg(tmp_path, "part", resume="auto"))
+    assert r3.status == "finished" and r3.steps == 7
+    assert step_losses(full.out) == step_losses(r3.out)
+    a, b = load(full.checkpoint), load(r3.checkpoint)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    assert a["transfer"]["keys"] == b["transfer"]["keys"]
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+    c = cfg(tmp_path, method="repa", steps=8, ckpt_every=2, debug_nan_at_step=5)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss.*step 5"):
+        train(c)
+    ckpts = sorted(os.listdir(os.path.join(c.out, "checkpoints")))
+    assert ckpts == ["0000002.pt", "0000004.pt"]
+    ck = load(os.path.join(c.out, "checkpoints", "0000004.pt"))
+    assert all(torch.isfinite(v).all() for v in ck["model"].values())
+
+
+def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = loop_mod.velocity_loss
+
+    def fake(*a):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the FLOP count makes call 1; this is training step 2
+            signal.raise_signal(signal.SIGTERM)
+        return real(*a)
+
+    monkeypatch.setattr(loop_mod, "velocity_loss", fake)
+    res = train(cfg(tmp_path, method="vanilla", steps=6))
+    assert res.status == "interrupted" and res.steps == 2
+    assert load(res.checkpoint)["steps"] == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_rope_and_qknorm_same_in_both_phases(tmp_path):
+    res = train(cfg(tmp_path, rope=False, qk_norm=True, warmup_steps=1, steps=1))
+    tr = load(res.checkpoint)["transfer"]
+    for key in ("use_rope", "qk_norm"):
+        assert tr["warm_model_config"][key] == tr["full_model_config"][key]
+    assert tr["full_model_config"]["use_rope"] is False and tr["full_model_config"]["qk_norm"] is True
+    assert any(".attn.q_norm." in k for k in tr["keys"])
+    res2 = train(cfg(tmp_path, "default", warmup_steps=1, steps=1))
+    tr2 = load(res2.checkpoint)["transfer"]
+    assert tr2["warm_model_config"]["use_rope"] is True and tr2["full_model_config"]["use_rope"] is True
+
+
+# ---------------------------------------------------------------------------------------------
+# bad inputs
+# ---------------------------------------------------------------------------------------------
+def test_bad_method_and_model(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        resolve_config(cfg(tmp_path, method="rpa"))
+    with pytest.raises(ValueError, match="unknown model"):
+        resolve_config(cfg(tmp_path, model="SiT-Q/2"))
+
+
+def test_bad_depths(tmp_path):
+    with pytest.raises(ValueError, match="encoder-depth 9 is outside"):
+        resolve_config(cfg(tmp_path, encoder_depth=9))
+    with pytest.raises(ValueError, match="below --l2r-depth"):
+        resolve_config(cfg(tmp_path, l2r_depth=3, encoder_depth=2))
+    # REPA has no warmup region: only the depth range applies
+    resolve_config(cfg(tmp_path, method="repa", l2r_depth=3, encoder_depth=2))
+
+
+def test_encoder_grid_mismatch(tmp_path):
+    with pytest.raises(ValueError, match="8x8 = 64 tokens.*16 patch tokens"):
+        train(cfg(tmp_path, model="SiT-D/4"))
+
+
+def test_unreadable_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        train(cfg(tmp_path, resume=str(bad)))
+    with pytest.raises(FileNotFoundError):
+        train(cfg(tmp_path, resume=str(tmp_path / "missing.pt")))
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an erw_fast training checkpoint"):
+        train(cfg(tmp_path, resume=str(tmp_path / "other.pt")))
+
+
+def test_refuses_folder_with_another_run(tmp_path):
+    c = cfg(tmp_path, method="vanilla", steps=1)
+    train(c)
+    with pytest.raises(RunFolderError, match="already holds a run"):
+        train(c)
+    assert main(["--out", c.out, "--method", "vanilla", "--no-progress"]) == 2
+
+
+def test_cli_help_and_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--method", "--model", "--attn-backend", "--fused", "--no-fused", "--l2r-depth", "--encoder-depth",
+                 "--warmup-steps", "--steps", "--batch-size", "--lr", "--lambda-schedule", "--lambda0",
+                 "--half-life", "--align-loss", "--precision", "--ema-decay", "--seed", "--out", "--resume",
+                 "--data", "--encoder", "--sample-every", "--ckpt-every", "--rope", "--no-rope", "--qk-norm",
+                 "--compile"):
+        assert flag in text, flag
+    assert main(["--method", "nope", "--no-progress"]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    c = config_from_args(build_parser().parse_args(["--no-fused", "--no-rope", "--resume"]))
+    assert c.fused is False and c.rope is False and c.resume == "auto"
+
+
+def test_compile_blocks_fullgraph(tmp_path):
+    """--compile compiles each block with fullgraph=True (a graph break would raise)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    res = train(cfg(tmp_path, method="vanilla", steps=2, compile=True, samples_per_class=1))
+    assert res.status == "finished"
+    ck = load(res.checkpoint)
+    assert not any("_orig_mod" in k for k in ck["model"])
