@@ -15,6 +15,8 @@ def _readme():
     return open(path, encoding="utf-8").read() if os.path.exists(path) else ""
 
 
+DATA_EXTRA = ["diffusers", "transformers", "safetensors", "pillow"]
+
 packages = find_packages(include=["erw_fast", "erw_fast.*"]) + ["erw_fast.kernels"]
 
 setup(
@@ -31,7 +33,9 @@ setup(
     # torch>=2.4 has torch.library.custom_op; CI pins the local CPU wheel (torch==2.13.0).
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "triton"],
+        # real-scale inputs: SD-VAE latents (diffusers), DINOv2 (transformers), shards, images
+        "data": DATA_EXTRA,
+        "test": ["pytest", "pytest-benchmark", "triton"] + DATA_EXTRA,
         "triton": ["triton"],
         "cuda": ["flash-attn", "xformers"],
     },

@@ -1,10 +1,9 @@
-"""bench/ set-up: collect ``bench_*.py`` files, and print a speed-ratio table at the end.
+"""bench/ set-up (``bench_*.py`` files are collected through ``python_files`` in pytest.ini): print a speed-ratio table at the end.
 
 Any benchmark that puts ``provider`` into ``benchmark.extra_info`` (and sets ``benchmark.group``)
 appears in the table: per group, each provider's median time, its speed relative to the ``eager``
 and ``compile`` providers of the same group (> 1 = faster), and ``peak_mem_mib`` when recorded.
 """
-import fnmatch
 import os
 
 import pytest
@@ -17,17 +16,6 @@ if os.environ.get("TRITON_INTERPRET") is None:  # same rule as tests/conftest.py
             os.environ["TRITON_INTERPRET"] = "1"
     except Exception:  # pragma: no cover
         pass
-
-
-def pytest_collect_file(file_path, parent):
-    if file_path.suffix != ".py" or not file_path.name.startswith("bench_"):
-        return None
-    if parent.session.isinitpath(file_path):
-        return None  # named on the command line: pytest collects it itself
-    patterns = parent.config.getini("python_files")
-    if any(fnmatch.fnmatch(file_path.name, p) for p in patterns):
-        return None  # already collected by the configured patterns
-    return pytest.Module.from_parent(parent, path=file_path)
 
 
 def _rows(config):

@@ -569,6 +569,11 @@ def main():
     memory()
     compile_fused()
     sweep()
+    if CUDA:  # training-step benchmarks (bench/step_bench.py) -> OUTDIR/step_results.{md,json}
+        from step_bench import markdown_table, run_step_benchmarks
+
+        steps = run_step_benchmarks(ARGS.outdir, "cuda", budget_s=min(150.0, 280.0 - (time.time() - T_START)))
+        print(markdown_table(steps["rows"]), flush=True)
     RESULTS["meta"]["total_s"] = round(time.time() - t0, 1)
     save()
     print("\n" + timing_table())

@@ -71,7 +71,9 @@ def alignment_loss(z_pred: TensorOrList, z_target: TensorOrList, kind: str = "co
     ``kind="cosine"``: mean over every token and sample of −cos(z_pred, z_target).
     ``kind="ntxent"``: InfoNCE per token position with in-batch negatives at ``temperature``.
     Lists (one entry per target encoder) are averaged. The result is an fp32 scalar; both inputs
-    are normalised in fp32 with autocast disabled, whatever the caller's precision.
+    are normalised in fp32 with autocast disabled, whatever the caller's precision. Under DDP the
+    NT-Xent negatives are the process's local batch (no all-gather): it is the one loss here that
+    depends on the number of processes.
     """
     if kind not in ALIGN_KINDS:
         raise ValueError(f"unknown alignment loss {kind!r}; choose one of {ALIGN_KINDS}")

@@ -2,6 +2,8 @@
 
     python -m erw_fast.export --ckpt RUN/ckpt.pt --out model.pt2 [--device cpu|cuda] [--weights ema|model]
 
+``--ckpt`` may also be a run folder (e.g. ``runs/erw-digits``): its latest ``checkpoints/*.pt`` is used.
+
 What goes into the package is one function, the *guided velocity*::
 
     v = guided_velocity(x, t, y, cfg_scale, t_lo, t_hi)
@@ -92,11 +94,25 @@ class GuidedVelocity(nn.Module):
         )
 
 
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint file, or the latest ``*.pt`` of a run folder (``RUN/checkpoints/`` or ``RUN/``)."""
+    if not os.path.isdir(path):
+        return path
+    for folder in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(folder):
+            found = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
+            if found:  # training checkpoints are named by zero-padded step: the last is the latest
+                return os.path.join(folder, found[-1])
+    raise ExportError(f"no checkpoint (*.pt) found in {path} or {os.path.join(path, 'checkpoints')}")
+
+
 def load_sit_for_export(ckpt_path: str, weights: str = "ema"):
     """A SiT with the checkpoint's ``weights`` (``ema`` or ``model``) and the checkpoint's steps.
 
-    Raises :class:`ExportError` when the file is not a SiT checkpoint.
+    ``ckpt_path`` may be a run folder (its latest checkpoint is used). Raises :class:`ExportError`
+    when the file is not a SiT checkpoint.
     """
+    ckpt_path = resolve_checkpoint(ckpt_path)
     try:
         ckpt = read_checkpoint(ckpt_path)
     except FileNotFoundError as e:
@@ -216,7 +232,8 @@ def main(argv=None) -> int:
         prog="python -m erw_fast.export",
         description="Export a SiT checkpoint's guided velocity as an AOTInductor package for erw_sample.",
     )
-    p.add_argument("--ckpt", required=True, help="training checkpoint {model, ema, args, steps} or a state dict")
+    p.add_argument("--ckpt", required=True, help="training checkpoint {model, ema, args, steps}, a SiT state "
+                   "dict, or a run folder (its latest checkpoints/*.pt)")
     p.add_argument("--out", required=True, help="package path, e.g. model.pt2 (metadata also in <out>.json)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device the package runs on")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="which weights (default: ema)")
@@ -225,7 +242,10 @@ def main(argv=None) -> int:
     p.add_argument("--static-batch", action="store_true", help="fix the batch size to --batch")
     args = p.parse_args(argv)
     try:
-        model, steps = load_sit_for_export(args.ckpt, args.weights)
+        ckpt = resolve_checkpoint(args.ckpt)
+        if ckpt != args.ckpt:
+            print(f"erw_fast.export: using the latest checkpoint of {args.ckpt}: {ckpt}", file=sys.stderr)
+        model, steps = load_sit_for_export(ckpt, args.weights)
         meta = export_package(
             model, args.out, device=args.device, batch=args.batch, dynamic_batch=not args.static_batch,
             extra_metadata={"erw.weights": args.weights, "erw.steps": steps if steps is not None else "unknown"},

@@ -64,10 +64,11 @@ def _marker_ok(stem: str, n: int, meta: dict) -> bool:
 def extract_features(data: str, encoder: str = "dinov2-vit-b", encoder_path: Optional[str] = None,
                      encoder_source: str = "auto", token_grid: Optional[int] = None, model_patch: int = 2,
                      batch_size: int = 64, out: Optional[str] = None, device=None, progress: bool = True,
-                     enc: Optional[TargetEncoder] = None, _stop_after_shards: Optional[int] = None) -> Optional[dict]:
+                     enc: Optional[TargetEncoder] = None, precision: str = "auto",
+                     _stop_after_shards: Optional[int] = None) -> Optional[dict]:
     """Extract features of every image of ``data``; returns the feature index (rank 0) or None."""
     from .encoders import build_encoder
-    from .preprocess import _barrier, _dist_setup
+    from .preprocess import _dist_setup, wait_for
     from .utils.progress import progress as progress_bar
 
     store = open_latents(data)
@@ -85,6 +86,10 @@ def extract_features(data: str, encoder: str = "dinov2-vit-b", encoder_path: Opt
             kw["path"] = encoder_path
         enc = build_encoder(encoder, device=dev, **kw)
     enc = enc.to(dev)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"--precision {precision!r}: use auto, fp32 or bf16")
+    if precision != "auto":  # auto = as in training (bf16 autocast on CUDA)
+        enc.reduced_precision = precision == "bf16"
     if enc.token_grid != token_grid:
         raise ValueError(f"encoder {encoder!r} gives a {enc.token_grid}x{enc.token_grid} grid, expected {token_grid}")
     out = out or features_dir(data, encoder)
@@ -125,9 +130,11 @@ def extract_features(data: str, encoder: str = "dinov2-vit-b", encoder_path: Opt
             bar.close()
             return None
     bar.close()
-    _barrier(world)
     if rank != 0:
         return None
+    if world > 1:
+        wait_for(lambda: all(_marker_ok(os.path.join(out, f"shard-{k:05d}"), n, meta) for k, n in enumerate(counts)),
+                 f"the other ranks' feature shards in {out}")
     shards = []
     for k, n in enumerate(counts):
         stem = os.path.join(out, f"shard-{k:05d}")
@@ -233,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-grid", type=int, help="override the token grid directly")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoder forward (default 64)")
     p.add_argument("--out", help="feature folder (default DATA/features/ENCODER, where training looks)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="encoder compute precision: auto = as online training does (bf16 autocast on CUDA)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present; the local "
+                   "rank's GPU under torchrun)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -242,7 +252,7 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
         extract_features(a.data, a.encoder, a.encoder_path, a.encoder_source, a.token_grid, a.model_patch,
-                         a.batch_size, a.out, a.device, a.progress)
+                         a.batch_size, a.out, a.device, a.progress, precision=a.precision)
     except (ImportError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

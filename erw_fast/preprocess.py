@@ -235,29 +235,28 @@ class ShardWriter:
 
 
 def _dist_setup():
+    """(rank, world, device) from torchrun's environment. No process group is needed: ranks share
+    nothing but the output folder (each writes its own shards; rank 0 waits for the others' markers)."""
+    rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        return 0, 1, dev
-    import torch.distributed as dist
-
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-        backend = "nccl"
+        dev = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(dev)
     else:
-        dev, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size(), dev
+        dev = torch.device("cpu")
+    return rank, world, dev
 
 
-def _barrier(world):
-    if world > 1:
-        import torch.distributed as dist
+def wait_for(done, what: str, timeout_s: float = 7 * 24 * 3600.0, poll_s: float = 5.0):
+    """Poll ``done()`` until it is true (rank 0 waiting for the other ranks' shards)."""
+    import time
 
-        dist.barrier()
+    t0 = time.time()
+    while not done():
+        if time.time() - t0 > timeout_s:
+            raise PreprocessError(f"timed out waiting for {what}; rerun the same command to finish")
+        time.sleep(poll_s)
 
 
 def write_index(out: str, total: int, shard_size: int, settings: dict, extra: dict):
@@ -359,9 +358,11 @@ def preprocess(images: Optional[str] = None, out: str = "", resolution: int = 25
             bar.close()
             return None
     bar.close()
-    _barrier(world)
     if rank != 0:
         return None
+    if world > 1:
+        wait_for(lambda: all(shard_done(out, k, min(shard_size, total - k * shard_size), settings)
+                             for k in range(num_shards)), f"the other ranks' shards in {out}")
     with open(os.path.join(out, "files.txt.tmp"), "w") as f:
         f.write("\n".join(files) + "\n")
     os.replace(os.path.join(out, "files.txt.tmp"), os.path.join(out, "files.txt"))

@@ -65,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LayerNorm on queries and keys, same in both phases (default off)")
     g.add_argument("--attn-backend", default="auto", choices=("auto", "flash", "xformers", "sdpa", "math"),
                    help="attention implementation (default auto: flash-attn > xformers > SDPA)")
-    g.add_argument("--fused", type=_fused, default=None, metavar="{auto,on,off,triton,torch}",
+    g.add_argument("--fused", type=_fused, nargs="?", const=True, default=None, metavar="{auto,on,off,triton,torch}",
                    help="fused ops (LayerNorm+modulate, gated residual, projection+cosine loss): auto = on for "
-                   "CUDA with Triton (default), on/off, or force a backend")
+                   "CUDA with Triton (default); --fused alone = on; off; or force a backend (triton, torch)")
     g.add_argument("--no-fused", dest="fused", action="store_const", const=False, help="same as --fused off")
     g.add_argument("--projector-dim", type=int, help=f"hidden width of the projector MLP (default {d['projector_dim']} "
                    "on digits, 2048 as REPA otherwise)")
@@ -83,10 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = bf16 autocast on CUDA (normalisations in fp32), fp32 on CPU")
     g.add_argument("--seed", type=int, default=0, help="seed of init, data order and every per-sample draw (default 0)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 helps on a "
+                   "machine shared with other jobs)")
     g = p.add_argument_group("data and target encoder")
-    g.add_argument("--data", default="digits", help="dataset (default digits: the embedded handwritten digits)")
-    g.add_argument("--encoder", default="digits-cnn", help="target encoder(s), comma-separated "
-                   "(default digits-cnn: the embedded encoder, 8x8 tokens for 16x16 images)")
+    g.add_argument("--data", default="digits", help="dataset: digits (default, the embedded handwritten digits) "
+                   "or a latent dataset folder from `python -m erw_fast.preprocess` (or REPA's images/ + vae-sd/ "
+                   "layout); latent runs default to the ImageNet recipe (SiT-XL/2, batch 256, ...)")
+    g.add_argument("--encoder", default="digits-cnn", help="target encoder(s), comma-separated: digits-cnn "
+                   "(default on digits: the embedded encoder, 8x8 tokens for 16x16 images), dinov2-vit-{s,b,l,g} "
+                   "or dinov2-vit-{s,b,l,g}_reg (default dinov2-vit-b on latent data)")
+    g.add_argument("--encoder-path", help="local target-encoder weights: a transformers save_pretrained folder "
+                   "(facebook/dinov2-*) or a torch.hub clone of facebookresearch/dinov2 (default: the Hugging Face "
+                   "or torch hub cache, downloaded when online)")
+    g.add_argument("--encoder-source", default="auto", choices=("auto", "transformers", "hub"),
+                   help="DINOv2 loading route (default auto: from --encoder-path's contents, else the caches)")
+    g.add_argument("--features", default="online", choices=("online", "precomputed"),
+                   help="target features: run the encoder each step (default), or read the fp16 shards written by "
+                   "`python -m erw_fast.extract_features` (skips the encoder and the image reads)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="runs/erw-digits", help="output folder (default runs/erw-digits); a folder "
                    "holding another run is refused unless --resume")
@@ -102,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance scale for the grid "
                    f"(default {d['cfg_scale']} on digits)")
     g.add_argument("--samples-per-class", type=int, help=f"grid columns (default {d['samples_per_class']})")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (messages and the final summary still print)")
     return p
 
 
@@ -115,12 +128,20 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = train(config_from_args(args))
-    except (ValueError, FileNotFoundError, RunFolderError) as e:
+    except (ValueError, FileNotFoundError, ImportError, RunFolderError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("aborted (no checkpoint written for the current step)", file=sys.stderr)
+        return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0 if result.status in ("finished", "interrupted", "stopped") else 1
 
 

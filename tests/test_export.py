@@ -209,9 +209,25 @@ def test_metadata(package):
 # --------------------------------------------------------------------------------------------
 # Errors: the export
 # --------------------------------------------------------------------------------------------
+class _Result:
+    def __init__(self, returncode, stderr):
+        self.returncode, self.stderr = returncode, stderr
+
+
 def _export(*args):
-    return subprocess.run([sys.executable, "-m", "erw_fast.export", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+    """``python -m erw_fast.export ARGS`` in-process (the error paths; saves interpreter start-ups)."""
+    import contextlib
+    import io
+
+    from erw_fast import export
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = export.main([str(a) for a in args])
+        except SystemExit as e:  # argparse
+            rc = e.code
+    return _Result(rc, err.getvalue())
 
 
 def test_export_rejects_non_sit_checkpoint(tmp_path):
@@ -226,11 +242,24 @@ def test_export_rejects_non_sit_checkpoint(tmp_path):
     assert r.returncode == 2 and "not a SiT checkpoint" in r.stderr, r.stderr
     r = _export("--ckpt", tmp_path / "missing.pt", "--out", tmp_path / "m.pt2")
     assert r.returncode == 2 and "not found" in r.stderr, r.stderr
+    (tmp_path / "emptyrun" / "checkpoints").mkdir(parents=True)
+    r = _export("--ckpt", tmp_path / "emptyrun", "--out", tmp_path / "m.pt2")
+    assert r.returncode == 2 and "no checkpoint" in r.stderr, r.stderr
     only_model = tmp_path / "only_model.pt"
     torch.save({"model": sd, "args": {}, "steps": 1}, only_model)
     r = _export("--ckpt", only_model, "--out", tmp_path / "m.pt2")
     assert r.returncode == 2 and "no 'ema' weights" in r.stderr, r.stderr
     assert not (tmp_path / "m.pt2").exists()
+
+
+def test_run_folder_resolves_to_latest_checkpoint(tmp_path):
+    from erw_fast.export import resolve_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    for step in ("0000010.pt", "0000200.pt", "0000030.pt"):
+        (tmp_path / "checkpoints" / step).write_bytes(b"")
+    assert resolve_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoints" / "0000200.pt")
+    assert resolve_checkpoint(str(tmp_path / "x.pt")) == str(tmp_path / "x.pt")
 
 
 def test_export_without_aoti_packaging(monkeypatch, tmp_path):

@@ -23,6 +23,8 @@ from erw_fast.encoders.dinov2 import DINOv2Encoder, EncoderWeightsError  # noqa:
 from erw_fast import preprocess as pp  # noqa: E402
 from erw_fast import extract_features as ef  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:dinov2-vit")  # tiny random DINOv2s have odd widths
+
 RES = 32          # image side; the tiny VAE downsamples 8x → 4x4 latents → 2x2 tokens at patch 2
 GRID = 2
 N_PER_CLASS = 3
@@ -106,9 +108,16 @@ def test_dinov2_transformers_local_folder(tiny_dinov2_dir):
     torch.testing.assert_close(f, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(enc(x.float()), f)  # [0, 255] floats = uint8
     assert not any(p.requires_grad for p in enc.parameters())
-    # a larger grid: position embeddings are interpolated (4x4 tokens = 56 px)
+    # another grid: the position embedding is resampled once at build time (4x4 tokens = 56 px)
     enc4 = build_encoder("dinov2-vit-b", path=tiny_dinov2_dir, token_grid=4)
+    assert enc4.model.embeddings.position_embeddings.shape == (1, 1 + 16, 32)
     assert enc4(x).shape == (2, 16, 32)
+    from erw_fast.encoders.dinov2 import resample_pos_embed
+
+    pos = model.embeddings.position_embeddings.data
+    assert resample_pos_embed(pos, 2) is pos
+    torch.testing.assert_close(enc4.model.embeddings.position_embeddings.data, resample_pos_embed(pos, 4))
+    torch.testing.assert_close(enc4.model.embeddings.position_embeddings.data[:, :1], pos[:, :1])
     check_token_grid([enc4], 16)
     with pytest.raises(ValueError, match="tokens but the model"):
         check_token_grid([enc], 16)
@@ -148,6 +157,7 @@ def dinov2_vitb14(pretrained=True, **kw):
     return Tiny()
 def dinov2_vits14(pretrained=True, **kw):
     return Tiny(fixed=True)
+dinov2_vitl14 = dinov2_vitb14
 '''
 
 
@@ -171,6 +181,38 @@ def test_dinov2_torch_hub_local_repo(fake_hub_repo):
     bad = build_encoder("dinov2-vit-s", path=fake_hub_repo, source="hub", token_grid=GRID)
     with pytest.raises(ValueError, match=r"returned 9 patch tokens .* expected 2x2 = 4"):
         bad(x)
+
+
+CACHE_SCRIPT = r"""
+import json
+from erw_fast.encoders import build_encoder
+out = {}
+a = build_encoder("dinov2-vit-b", token_grid=2)            # auto: the HF cache holds facebook/dinov2-base
+out["b"] = [a.kind, a.dim]
+b = build_encoder("dinov2-vit-l", token_grid=2)            # auto: not in the HF cache → the torch hub cache
+out["l"] = [b.kind, b.dim]
+c = build_encoder("dinov2-vit-b", source="hub", token_grid=2)
+out["hub"] = [c.kind, c.dim]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_dinov2_from_caches_offline(tmp_path, tiny_dinov2_dir, fake_hub_repo):
+    """No path: the facebook/dinov2-* id from the local HF cache, else the torch hub cache (offline)."""
+    import subprocess
+
+    rev = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--facebook--dinov2-base"
+    os.makedirs(repo / "refs")
+    (repo / "refs" / "main").write_text(rev)
+    shutil.copytree(tiny_dinov2_dir, repo / "snapshots" / rev)
+    shutil.copytree(fake_hub_repo, tmp_path / "torch" / "hub" / "facebookresearch_dinov2_main")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch"))
+    env.pop("HF_HUB_CACHE", None)
+    proc = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert res == {"b": ["transformers", 32], "l": ["hub", 16], "hub": ["hub", 16]}
 
 
 def test_dinov2_errors(tmp_path, monkeypatch, tiny_dinov2_dir):
@@ -284,6 +326,19 @@ def test_preprocess_resume_keeps_finished_shards(tmp_path, image_folder, tiny_va
     # other settings into the same folder are refused, not mixed
     with pytest.raises(pp.PreprocessError, match="other settings"):
         _run_preprocess(image_folder, out, tiny_vae_dir, shard_size=5)
+
+
+def test_preprocess_ranks_write_their_own_shards(tmp_path, monkeypatch, image_folder, tiny_vae_dir, latents_dir):
+    """torchrun-style: rank r encodes shards k ≡ r (mod world); rank 0 writes the index once all exist."""
+    out = tmp_path / "ranks"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert _run_preprocess(image_folder, out, tiny_vae_dir) is None
+    assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == ["shard-00001.json"]
+    monkeypatch.setenv("RANK", "0")
+    index = _run_preprocess(image_folder, out, tiny_vae_dir)
+    assert index["count"] == 9 and len(index["shards"]) == 3
+    np.testing.assert_array_equal(LatentShards(str(out)).moments(range(9)), LatentShards(latents_dir).moments(range(9)))
 
 
 def test_bad_shards_are_named_and_redone(tmp_path, latents_dir, image_folder, tiny_vae_dir):
@@ -418,3 +473,49 @@ def test_extract_features_and_alignment_equivalence(tmp_path, latents_dir, tiny_
         ef.FeatureStore(str(data_dir), "dinov2-vit-b")
     ef.extract_features(str(data_dir), "dinov2-vit-b", encoder_path=tiny_dinov2_dir, progress=False, device="cpu")
     ef.FeatureStore(str(data_dir), "dinov2-vit-b", expected_count=9)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: preprocess → extract features → train (ERW warmup + transfer + full) on latents
+# --------------------------------------------------------------------------------------------
+def test_train_end_to_end_on_latents(tmp_path, image_folder, tiny_vae_dir, tiny_dinov2_dir):
+    from erw_fast import train as train_cli
+
+    data = tmp_path / "in32"
+    # the documented sequence, through the command-line entry points
+    assert pp.main(["--images", image_folder, "--out", str(data), "--resolution", str(RES), "--vae", tiny_vae_dir,
+                    "--batch-size", "4", "--shard-size", "4", "--workers", "0", "--device", "cpu",
+                    "--no-progress"]) == 0
+    assert ef.main(["--data", str(data), "--encoder", "dinov2-vit-b", "--encoder-path", tiny_dinov2_dir,
+                    "--device", "cpu", "--no-progress"]) == 0
+    common = ["--data", str(data), "--model", "SiT-D/2", "--encoder", "dinov2-vit-b", "--warmup-steps", "2",
+              "--steps", "2", "--batch-size", "4", "--projector-dim", "32", "--log-every", "1",
+              "--sample-steps", "2", "--samples-per-class", "1", "--device", "cpu", "--no-progress",
+              "--lambda0", "6", "--half-life", "2"]
+    runs = {}
+    for mode, extra in (("online", ["--encoder-path", tiny_dinov2_dir]), ("precomputed", ["--features", "precomputed"])):
+        out = tmp_path / f"run-{mode}"
+        assert train_cli.main(common + extra + ["--out", str(out), "--features", mode]) == 0
+        with open(out / "metrics.jsonl") as f:
+            recs = [json.loads(line) for line in f]
+        runs[mode] = [r for r in recs if "loss" in r and "event" not in r]
+        assert any(r.get("event") == "transfer" for r in recs)
+        assert os.path.exists(out / "samples.png")  # decoded with the dataset's VAE
+        assert list((out / "samples").glob("*.pt"))
+        cfg = json.load(open(out / "config.json"))
+        assert cfg["encoder"] == "dinov2-vit-b" and cfg["features"] == mode
+    # features extracted for a 2x2 grid cannot feed SiT-D/4 (1x1 tokens): a clear error, nothing trained
+    bad = [a if a != "SiT-D/2" else "SiT-D/4" for a in common] + ["--features", "precomputed", "--out",
+                                                                 str(tmp_path / "run-bad")]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        assert train_cli.main(bad) == 2
+    assert "2x2 = 4 tokens but the model SiT-D/4 has 1 patch tokens" in buf.getvalue(), buf.getvalue()
+    on, pre = runs["online"], runs["precomputed"]
+    assert [r["phase"] for r in on] == ["warmup"] * 2 + ["train"] * 2 and len(pre) == len(on)
+    # the first step sees the same batch and weights: the alignment loss agrees to fp16 tolerance
+    assert abs(on[0]["loss_align"] - pre[0]["loss_align"]) < 2e-3
+    assert all(np.isfinite(r["loss"]) for r in on + pre)

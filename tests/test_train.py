@@ -15,7 +15,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:decoder_hidden_size")
 
 def cfg(tmp_path, name="run", **kw):
     base = dict(out=str(tmp_path / name), warmup_steps=3, steps=4, batch_size=8, log_every=1, sample_steps=2,
-                samples_per_class=1, progress=False, seed=3)
+                samples_per_class=1, progress=False, seed=3,
+                threads=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -147,8 +148,10 @@ def test_bad_depths(tmp_path):
 
 
 def test_encoder_grid_mismatch(tmp_path):
+    c = cfg(tmp_path, model="SiT-D/4")
     with pytest.raises(ValueError, match="8x8 = 64 tokens.*16 patch tokens"):
-        train(cfg(tmp_path, model="SiT-D/4"))
+        train(c)
+    assert not os.path.exists(c.out)  # checked before anything is written
 
 
 def test_unreadable_checkpoint(tmp_path):
@@ -186,6 +189,10 @@ def test_cli_help_and_errors(capsys):
     assert "unknown method" in capsys.readouterr().err
     c = config_from_args(build_parser().parse_args(["--no-fused", "--no-rope", "--resume"]))
     assert c.fused is False and c.rope is False and c.resume == "auto"
+    c = config_from_args(build_parser().parse_args(["--fused", "--qk-norm", "--resume", "x.pt"]))
+    assert c.fused is True and c.qk_norm is True and c.resume == "x.pt"
+    assert config_from_args(build_parser().parse_args(["--fused", "torch"])).fused == "torch"
+    assert config_from_args(build_parser().parse_args([])).fused is None
 
 
 def test_compile_blocks_fullgraph(tmp_path):
@@ -197,3 +204,41 @@ def test_compile_blocks_fullgraph(tmp_path):
     assert res.status == "finished"
     ck = load(res.checkpoint)
     assert not any("_orig_mod" in k for k in ck["model"])
+
+
+def test_png_writer_roundtrip(tmp_path):
+    import struct
+    import zlib
+
+    import numpy as np
+
+    from erw_fast.utils.png import image_grid, write_png
+
+    imgs = torch.linspace(-1, 1, 6 * 4 * 4).reshape(6, 1, 4, 4)
+    grid = image_grid(imgs, nrow=3, pad=1)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1) and grid.dtype == np.uint8
+    path = write_png(str(tmp_path / "g.png"), grid)
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert (w, h) == (grid.shape[1], grid.shape[0])
+    idat_len = struct.unpack(">I", data[33:37])[0]
+    raw = zlib.decompress(data[41:41 + idat_len])
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, w + 1)
+    assert (rows[:, 0] == 0).all() and np.array_equal(rows[:, 1:], grid)
+    rgb = image_grid(imgs.expand(6, 3, 4, 4), nrow=6)
+    assert rgb.shape[2] == 3
+    write_png(str(tmp_path / "rgb.png"), rgb)
+
+
+def test_default_config_is_the_digits_run():
+    c = resolve_config(TrainConfig())
+    assert (c.method, c.model, c.data, c.encoder) == ("erw", "SiT-D/2", "digits", "digits-cnn")
+    assert c.rope and not c.qk_norm and c.lambda_schedule == "halflife"
+    assert 1 <= c.l2r_depth <= c.encoder_depth <= 4
+    # scaled to a short run: the EMA and λ move within the run's length
+    assert c.ema_decay <= 0.995 and c.half_life <= c.steps
+    assert resolve_config(TrainConfig(method="repa")).lambda_schedule == "constant"
+    assert resolve_config(TrainConfig(method="repa")).warmup_steps == 0
+    xl = resolve_config(TrainConfig(model="SiT-XL/2"))
+    assert (xl.l2r_depth, xl.encoder_depth, xl.lambda0) == (4, 14, 6.0)

@@ -1,4 +1,4 @@
-"""Datasets: the embedded handwritten-digits default (and, later, latent shards)."""
+"""Datasets: the embedded handwritten-digits default, and SD-VAE latent shards (``latents.py``)."""
 from .digits import DigitsDataset, digits_arrays, load_digits
 
 __all__ = ["DigitsDataset", "digits_arrays", "load_digits"]

@@ -14,8 +14,8 @@ Two loading routes, chosen with ``source=``:
 Input: **raw pixels**, ``(B, 3, H, W)`` uint8 or float in [0, 255] (for latent models the batch carries
 them as ``encoder_images``). Preprocessing follows REPA: ÷255, ImageNet mean/std, bicubic resize —
 to ``token_grid · patch`` pixels, so that the patch grid equals the SiT token grid (224 px = 16×16
-for 256-px images and SiT-*/2; REPA's 224·res/256). Position embeddings are interpolated to that
-grid by the model (transformers and the hub models both do this). Output: the final-LayerNorm patch
+for 256-px images and SiT-*/2; REPA's 224·res/256). The position embedding is resampled once, at
+build time, to that grid (antialiased bicubic, as REPA does), so the forward pass uses it as is. Output: the final-LayerNorm patch
 tokens ``(B, T, C)`` (``x_norm_patchtokens``), no CLS or register tokens.
 """
 from __future__ import annotations
@@ -107,7 +107,21 @@ def load_transformers(path: Optional[str], size: str, registers: bool):
             "--local-dir DIR` on a machine with internet), or put them in the HF cache (HF_HOME), or use a local "
             "torch.hub clone with --encoder-source hub")
     prefix = 1 + int(getattr(model.config, "num_register_tokens", 0) or 0)
+    _warn_mismatch(f"{src}", size, registers, int(model.config.hidden_size), prefix > 1)
     return model, int(model.config.patch_size), int(model.config.hidden_size), prefix
+
+
+def _warn_mismatch(src: str, size: str, registers: bool, width: int, has_registers: bool) -> None:
+    """Weights that do not look like the named encoder (a ViT-B folder under dinov2-vit-l, ...)."""
+    import warnings
+
+    name = f"dinov2-vit-{size}{'_reg' if registers else ''}"
+    if width != _SIZES[size][2]:
+        warnings.warn(f"{name}: the weights in {src} have width {width}, not {_SIZES[size][2]} (ViT-{size.upper()}); "
+                      "using them as they are", stacklevel=3)
+    if has_registers != registers:
+        warnings.warn(f"{name}: the weights in {src} are {'with' if has_registers else 'without'} register tokens",
+                      stacklevel=3)
 
 
 def load_hub(path: Optional[str], size: str, registers: bool, pretrained: bool = True):
@@ -150,6 +164,38 @@ def _hf_cached(ident: str) -> bool:
         return isinstance(try_to_load_from_cache(ident, "config.json"), str)
     except Exception:
         return False
+
+
+def resample_pos_embed(pos: torch.Tensor, grid: int, num_prefix: int = 1) -> torch.Tensor:
+    """(1, P + G0², C) absolute position embedding → (1, P + grid², C): the P prefix (CLS) rows kept,
+    the patch rows resampled on the 2-D grid with antialiased bicubic interpolation (as REPA does
+    once at load time, so the forward pass needs no per-call interpolation)."""
+    prefix, patches = pos[:, :num_prefix], pos[:, num_prefix:]
+    g0 = int(round(patches.shape[1] ** 0.5))
+    if g0 * g0 != patches.shape[1]:
+        raise ValueError(f"position embedding with {patches.shape[1]} patch rows is not a square grid")
+    if g0 == grid:
+        return pos
+    c = patches.shape[-1]
+    x = patches.reshape(1, g0, g0, c).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    x = x.permute(0, 2, 3, 1).reshape(1, grid * grid, c).to(pos.dtype)
+    return torch.cat([prefix, x], dim=1)
+
+
+def _set_grid(model: nn.Module, kind: str, grid: int) -> None:
+    """Resample the model's position embedding to ``grid``² patches (where it has one)."""
+    if kind == "transformers":
+        emb = getattr(getattr(model, "embeddings", None), "position_embeddings", None)
+    else:
+        emb = getattr(model, "pos_embed", None)
+    if isinstance(emb, nn.Parameter) and emb.dim() == 3:
+        with torch.no_grad():
+            new = resample_pos_embed(emb.data, grid)
+        if new.shape != emb.shape:
+            emb.data = new
+        if kind == "transformers" and hasattr(model.config, "image_size"):
+            model.config.image_size = grid * int(model.config.patch_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +298,8 @@ def build_dinov2(size: str, registers: bool, path: Optional[str] = None, source:
     else:
         raise ValueError(f"encoder source {source!r}: use 'auto', 'transformers' or 'hub'")
     model.eval()
+    if int(token_grid) >= 1:
+        _set_grid(model, kind, int(token_grid))
     return DINOv2Encoder(model, kind, patch, dim, int(token_grid), name, prefix)
 
 

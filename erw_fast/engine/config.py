@@ -13,21 +13,6 @@ from typing import Optional, Union
 
 from ..erw import ALIGN_KINDS, SCHEDULE_KINDS, get_method
 
-def _register_digits_size():
-    """SiT-D/{2,4,8}: a 4-block, 96-wide SiT sized for the digits default on 2 CPU cores.
-
-    Registered here so the default run has a named model; it belongs next to the other sizes in
-    ``erw_fast/models/sit.py`` (SIZES) and this function becomes a no-op once it is there.
-    """
-    from ..models import sit
-
-    sit.SIZES.setdefault("D", dict(depth=4, hidden_size=96, num_heads=2))
-    for patch in (2, 4, 8):
-        sit.SiT_models.setdefault(f"SiT-D/{patch}", sit._factory("D", patch))
-
-
-_register_digits_size()
-
 # Per model size: ERW's warmup region (l2r depth), the alignment block, λ0.
 # XL/L/B follow the ERW/REPA releases (XL: L=4, alignment at block 14, λ0 6; L: 8, 3; B/S: 4, 1).
 MODEL_DEFAULTS = {
@@ -42,8 +27,8 @@ MODEL_DEFAULTS = {
 # Per dataset: run length and optimisation. ``half_life``/``ema_decay`` are scaled to the length.
 DATA_DEFAULTS = {
     "digits": dict(
-        model="SiT-D/2", warmup_steps=200, steps=1200, batch_size=64, lr=1e-3, ema_decay=0.99,
-        half_life=400, projector_dim=256, sample_every=0, ckpt_every=0, sample_steps=50,
+        model="SiT-D/2", warmup_steps=200, steps=700, batch_size=64, lr=1e-3, ema_decay=0.99,
+        half_life=400, projector_dim=256, sample_every=0, ckpt_every=0, sample_steps=30,
         sampler="sde", cfg_scale=2.0, guidance_high=1.0, samples_per_class=10, log_every=10,
     ),
     # REPA/ERW ImageNet recipe, for when latent data lands (see ERW_SPEC.md)
@@ -64,7 +49,10 @@ class TrainConfig:
     method: str = "erw"
     model: Optional[str] = None
     data: str = "digits"
-    encoder: str = "digits-cnn"
+    encoder: str = "digits-cnn"            # on latent data "digits-cnn" becomes dinov2-vit-b
+    encoder_path: Optional[str] = None      # local weights for the target encoder (DINOv2: HF folder or hub repo)
+    encoder_source: str = "auto"            # DINOv2 loading route: auto | transformers | hub
+    features: str = "online"                # online (run the encoder) | precomputed (extract_features shards)
     out: str = "runs/erw-digits"
     resume: Optional[str] = None           # None, "auto" (latest in out/checkpoints) or a path
     # method
@@ -94,6 +82,7 @@ class TrainConfig:
     precision: str = "auto"
     seed: int = 0
     device: str = "auto"
+    threads: Optional[int] = None           # CPU threads for torch (None = torch's default)
     # output
     sample_every: Optional[int] = None      # 0 = only the final grid
     ckpt_every: Optional[int] = None        # 0 = only the final checkpoint (and the transfer one)
@@ -114,9 +103,10 @@ class TrainConfig:
 
 # Fields that a resumed run takes from the new call rather than from the checkpoint.
 # ``RESUME_OVERRIDABLE`` win when set (not None); ``RESUME_FROM_CALL`` always come from the new call.
-RESUME_OVERRIDABLE = ("steps", "sample_every", "ckpt_every", "log_every", "attn_backend", "fused",
+RESUME_OVERRIDABLE = ("encoder_path", "steps", "sample_every", "ckpt_every", "log_every", "attn_backend", "fused",
                       "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class")
-RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device")
+RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device",
+                    "threads")
 
 
 def model_size(name: str) -> str:
@@ -139,9 +129,16 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     from ..models.sit import SIZES
 
     depth = SIZES[size]["depth"]
-    for k, v in MODEL_DEFAULTS[size].items():
+    fallback = dict(l2r_depth=max(1, min(4, depth // 3)), encoder_depth=max(1, depth // 2), lambda0=1.0)
+    for k, v in MODEL_DEFAULTS.get(size, fallback).items():
         if getattr(c, k) is None:
             setattr(c, k, v)
+    if c.data != "digits" and c.encoder == "digits-cnn":
+        c.encoder = "dinov2-vit-b"  # the embedded digits encoder cannot read ImageNet-style images
+    if c.features not in ("online", "precomputed"):
+        raise ValueError(f"--features {c.features!r}: use 'online' or 'precomputed'")
+    if c.features == "precomputed" and c.data == "digits":
+        raise ValueError("--features precomputed needs a latent dataset (--data DIR with extract_features output)")
     if c.lambda_schedule is None:
         c.lambda_schedule = method.schedule
     if c.lambda_schedule not in SCHEDULE_KINDS:

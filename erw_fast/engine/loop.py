@@ -61,10 +61,16 @@ class DataInfo:
     num_classes: int
 
 
-def load_data(name: str, device) -> DataInfo:
+def load_data(name: str, device):
+    """``digits`` (a DataInfo, on ``device``), or a latent dataset folder (a ``LatentData``: shards from
+    ``python -m erw_fast.preprocess`` or REPA's layout; read per batch, posterior re-sampled each step)."""
     if name != "digits":
-        raise ValueError(f"unknown --data {name!r}: the built-in dataset is 'digits' "
-                         "(latent shards arrive with the ImageNet data issue)")
+        if not os.path.isdir(name):
+            raise ValueError(f"unknown --data {name!r}: use 'digits' (the embedded dataset) or a latent dataset "
+                             "folder made by `python -m erw_fast.preprocess`")
+        from ..data.latents import LatentData
+
+        return LatentData(name)
     from ..data.digits import NUM_CLASSES, load_digits
 
     x, y = load_digits(16)
@@ -184,6 +190,16 @@ def find_resume_checkpoint(config: TrainConfig) -> str:
 # --------------------------------------------------------------------------------------------
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training run described by ``config``; see ``TrainConfig``."""
+    threads_before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(config: TrainConfig) -> TrainResult:
     rank, world, device = setup_distributed(config.device)
     main = rank == 0
     ckpt = None
@@ -201,6 +217,35 @@ def train(config: TrainConfig) -> TrainResult:
     method = get_method(cfg.method)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    # everything that can be checked is checked before anything is written
+    data = load_data(cfg.data, device)
+    encoders = []
+    if method.align:
+        from ..encoders import build_encoders, check_token_grid
+
+        if cfg.features == "precomputed":
+            from ..extract_features import precomputed_encoders
+
+            encoders = precomputed_encoders(cfg.data, cfg.encoder, expected_count=len(data.labels))
+        else:
+            from ..encoders import build_encoder
+
+            # DINOv2 resizes its input so that its patch grid equals the SiT token grid
+            patch = int(str(cfg.model).rsplit("/", 1)[-1])
+            enc_kw = dict(input_size=data.input_size, token_grid=data.input_size // patch, patch_size=patch)
+            if cfg.encoder_source != "auto":
+                enc_kw["source"] = cfg.encoder_source
+            names = [n.strip() for n in cfg.encoder.split(",") if n.strip()]
+            paths = [q.strip() for q in cfg.encoder_path.split(",")] if cfg.encoder_path else []
+            if paths and len(paths) != len(names):
+                raise ValueError(f"--encoder-path lists {len(paths)} path(s) for {len(names)} encoder(s) "
+                                 f"({cfg.encoder}); give one per encoder, comma-separated")
+            encoders = [build_encoder(n, device=device, **enc_kw, **({"path": paths[i]} if paths and paths[i] else {}))
+                        for i, n in enumerate(names)]
+        patch = int(cfg.model.rsplit("/", 1)[1])
+        check_token_grid(encoders, (data.input_size // patch) ** 2, f"model {cfg.model}")
+    if world > 1:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
     if main:
         os.makedirs(os.path.join(cfg.out, "checkpoints"), exist_ok=True)
         os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
@@ -214,16 +259,10 @@ def train(config: TrainConfig) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    data = load_data(cfg.data, device)
-    encoders = []
-    if method.align:
-        from ..encoders import build_encoders, check_token_grid
-
-        encoders = build_encoders(cfg.encoder, device=device, input_size=data.input_size)
     z_dims = [e.dim for e in encoders]
     fused_align = _fused_align_setting(cfg, device)
     log = MetricsLog(cfg.out, enabled=main)
-    bar = Progress(enabled=main and cfg.progress)
+    bar = Progress(enabled=main, bar=cfg.progress)
     indexer = BatchIndexer(len(data.labels), cfg.batch_size, cfg.seed, rank, world)
     schedule = AlignmentSchedule(cfg.lambda_schedule, cfg.lambda0, cfg.half_life, cfg.tau)
     W, P = cfg.warmup_steps, cfg.steps
@@ -234,7 +273,12 @@ def train(config: TrainConfig) -> TrainResult:
     old_handlers = {}
     if threading.current_thread() is threading.main_thread():
         def _handler(signum, _frame):
+            if stop_flag["signal"] is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
             stop_flag["signal"] = signum
+            if main:
+                bar.message(f"signal {signal.Signals(signum).name}: finishing this step, then checkpoint and exit "
+                            "(Ctrl-C again to abort)")
 
         for s in (signal.SIGTERM, signal.SIGINT):
             old_handlers[s] = signal.signal(s, _handler)
@@ -248,6 +292,14 @@ def train(config: TrainConfig) -> TrainResult:
             bar.message(f"resuming {cfg.out} from {ckpt_path}: {state['phase']} step {state['phase_step']}")
             log.write({"event": "resume", "from": ckpt_path, "steps": int(ckpt["steps"])})
 
+    if main:
+        sched = (f"{cfg.lambda_schedule} λ0={cfg.lambda0}" + (f" half-life {cfg.half_life:g}" if cfg.lambda_schedule == "halflife" else "")
+                 if method.align else "none")
+        bar.message(
+            f"erw_fast.train: {cfg.method} | {cfg.model} on {cfg.data} | encoder {cfg.encoder if method.align else '-'} | "
+            f"warmup {W} (L={cfg.l2r_depth}) + {P} steps | batch {cfg.batch_size} x {world} proc | lr {cfg.lr:g} | "
+            f"λ {sched} @ block {cfg.encoder_depth} | EMA {cfg.ema_decay} | rope {cfg.rope} qk-norm {cfg.qk_norm} | "
+            f"{device.type} {'bf16' if amp else 'fp32'}{' compiled' if cfg.compile else ''} | out {cfg.out}")
     result = TrainResult(out=cfg.out, status="finished", steps=0)
     run_t0 = time.time()
     try:
@@ -319,10 +371,18 @@ def _run_phase(phase, cfg, model, state, ckpt, data, encoders, indexer, schedule
     stream = STREAM_WARMUP if warm else STREAM_TRAIN
     params = [p for p in model.parameters() if p.requires_grad]
 
+    latent = getattr(data, "is_latent", False)
+    need_pixels = any(not getattr(enc, "precomputed", False) for enc in encoders)
+
     def batch(k):
         gstep = offset + k
         idx, j = indexer.batch(gstep)
-        x, y = data.images[idx], data.labels[idx]
+        if latent:  # fresh posterior sample (mean + std·ε)·0.18215, ε seeded per (seed, step, sample)
+            eps = data.posterior_noise(cfg.seed, gstep, j.tolist())
+            x, y, raw = data.batch(idx, eps, device, with_images=need_pixels)
+        else:
+            x, y = data.images[idx], data.labels[idx]
+            raw = x
         noise, t, drop = sample_draws(cfg.seed, stream, gstep, j.tolist(), shape, cfg.class_dropout,
                                       with_noise=not warm)
         if warm:
@@ -330,15 +390,18 @@ def _run_phase(phase, cfg, model, state, ckpt, data, encoders, indexer, schedule
             noise = None
         else:
             noise = noise.to(device)
-        return x, y, (noise, t.to(device), drop.to(device))
+        return x, y, (noise, t.to(device), drop.to(device)), (idx, raw)
 
-    def targets_for(x):
+    def targets_for(idx, raw):
+        """Target features: the encoder on the raw pixels (the batch's encoder_images for latent data,
+        the images themselves for digits), or the precomputed fp16 features of these samples."""
         with torch.no_grad():
-            return [enc(x) for enc in encoders]
+            return [enc.features(idx, device) if getattr(enc, "precomputed", False) else enc(raw)
+                    for enc in encoders]
 
     def loss_terms(obj, k):
-        x, y, (noise, t, drop) = batch(k)
-        tg = targets_for(x)
+        x, y, (noise, t, drop), (idx, raw) = batch(k)
+        tg = targets_for(idx, raw)
         lam = schedule(k) if (not warm and method.align) else 0.0
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             loss, align, vel = obj(x, noise, t, y, drop, tg, lam)
@@ -346,16 +409,16 @@ def _run_phase(phase, cfg, model, state, ckpt, data, encoders, indexer, schedule
 
     # FLOPs of one step (forward + backward + target encoder), on the eager model, before DDP
     step_flops = None
-    if main or world > 1:
-        def _one():
-            loss, *_ = loss_terms(objective, state["phase_step"] if state["phase_step"] < n_steps else 0)
-            loss.backward()
-        try:
-            step_flops = count_flops(_one) * world
-        except Exception:  # pragma: no cover - flop counting is best effort
-            step_flops = None
-        for p in params:
-            p.grad = None
+    def _one():
+        loss, *_ = loss_terms(objective, state["phase_step"] if state["phase_step"] < n_steps else 0)
+        loss.backward()
+
+    try:
+        step_flops = count_flops(_one) * world
+    except Exception:  # pragma: no cover - flop counting is best effort
+        step_flops = None
+    for p in params:
+        p.grad = None
     if cfg.compile:
         for block in model.blocks:
             block.compile(fullgraph=True)
@@ -486,23 +549,30 @@ def _sample_and_save(cfg, ema_model, data, device, step, amp, main, log, result,
 
         t0 = time.time()
         ema_model.eval()
+        latent = getattr(data, "is_latent", False)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             imgs = sample_grid(ema_model, data.num_classes, cfg.samples_per_class,
                                (data.channels, data.input_size, data.input_size), sampler=cfg.sampler,
                                steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
                                guidance_interval=(0.0, cfg.guidance_high), seed=cfg.seed + 1_000_003,
-                               device=device)
-        imgs = imgs.float().clamp(-1, 1).cpu()
-        grid = image_grid(imgs, nrow=cfg.samples_per_class, pad=1, scale=2)
-        path = write_png(os.path.join(cfg.out, "samples", f"{step:07d}.png"), grid)
-        write_png(os.path.join(cfg.out, "samples.png"), grid)
+                               device=device, classes=data.sample_classes() if latent else None)
+        path = None
+        if latent:  # keep the latents; decode with the dataset's VAE when it is available locally
+            torch.save({"latents": imgs.float().cpu(), "classes": data.sample_classes(), "step": step},
+                       os.path.join(cfg.out, "samples", f"{step:07d}.pt"))
+            imgs = data.decode(imgs.float())
+        if imgs is not None:
+            imgs = imgs.float().clamp(-1, 1).cpu()
+            grid = image_grid(imgs, nrow=cfg.samples_per_class, pad=1, scale=1 if latent else 2)
+            path = write_png(os.path.join(cfg.out, "samples", f"{step:07d}.png"), grid)
+            write_png(os.path.join(cfg.out, "samples.png"), grid)
+            result.samples_png = os.path.join(cfg.out, "samples.png")
         rec = {"event": "samples", "step": step, "path": path, "seconds": time.time() - t0}
         acc = digit_accuracy(imgs, data.num_classes, cfg.samples_per_class) if cfg.data == "digits" else None
         if acc is not None:
             rec["sample_accuracy"] = acc
             result.summary["sample_accuracy"] = acc
         log.write(rec)
-        result.samples_png = os.path.join(cfg.out, "samples.png")
     if world > 1:
         dist.barrier()
 

@@ -171,15 +171,16 @@ class MetricsLog:
 class Progress:
     """A one-line progress bar on stderr (redrawn in place on a terminal, periodic lines otherwise)."""
 
-    def __init__(self, enabled: bool = True, stream=None):
-        self.enabled = enabled
+    def __init__(self, enabled: bool = True, stream=None, bar: bool = True):
+        self.enabled = enabled  # messages (start line, transfer, summary)
+        self.bar = bar and enabled  # the progress bar itself
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.last_len = 0
         self.last_line_time = 0.0
 
     def update(self, phase: str, step: int, total: int, fields: Dict[str, float], final: bool = False):
-        if not self.enabled:
+        if not self.bar:
             return
         width = 24
         frac = step / max(total, 1)

@@ -497,7 +497,8 @@ class SiT(nn.Module):
 # encoder_depth is only a default (REPA's recommendation: 4 for S/B, 8 for L/XL); pass your own.
 # --------------------------------------------------------------------------------------------
 SIZES = {
-    "T": dict(depth=6, hidden_size=192, num_heads=3, encoder_depth=2),  # tiny, ours: CPU runs and tests
+    "D": dict(depth=4, hidden_size=96, num_heads=2, encoder_depth=2),   # ours: the digits default on CPU
+    "T": dict(depth=6, hidden_size=192, num_heads=3, encoder_depth=2),  # ours: tiny, for CPU work
     "S": dict(depth=12, hidden_size=384, num_heads=6, encoder_depth=4),
     "B": dict(depth=12, hidden_size=768, num_heads=12, encoder_depth=4),
     "L": dict(depth=24, hidden_size=1024, num_heads=16, encoder_depth=8),
