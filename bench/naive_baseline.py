@@ -64,7 +64,20 @@ def naive_optimizer(model, lr):
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, foreach=False, fused=False)
 
 
-class NaiveStep:
+class TrainStep:
+    """The step both sides share: forward, backward, clip, optimizer, EMA (subclasses give the parts)."""
+
+    def __call__(self, batch):
+        loss = self.loss(batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.clip()
+        self.opt.step()
+        self.ema_update()
+        return loss.detach()
+
+
+class NaiveStep(TrainStep):
     """One naive training step of ``kind`` on ``model`` (see the module doc).
 
     ``model``/``ema_model`` are SiTs (the L-block warmup model for ``kind="warmup"``), ``encoder`` a
@@ -118,14 +131,6 @@ class NaiveStep:
     def ema_update(self):
         naive_update_ema(self.ema_model, self.model, self.ema_decay)
 
-    def __call__(self, batch):
-        loss = self.loss(batch)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.clip()
-        self.opt.step()
-        self.ema_update()
-        return loss.detach()
 
 
 def naive_step_fn(kind, model, ema_model, encoder, lam, warm_blocks, **kw):

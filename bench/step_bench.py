@@ -59,7 +59,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from naive_baseline import KINDS, NaiveStep, naive_optimizer  # noqa: E402
+from naive_baseline import KINDS, NaiveStep, TrainStep, naive_optimizer  # noqa: E402
 
 H100_BF16_DENSE = 989e12  # H100 SXM datasheet, dense bf16 FLOP/s
 
@@ -162,14 +162,7 @@ def fused_align_setting(device) -> object:
     return "auto" if (device.type == "cuda" and ops.triton_available()) else False
 
 
-def compile_blocks(model):
-    """What ``erw_fast.engine`` does for ``--compile`` (loop.py: ``block.compile(fullgraph=True)``
-    for every block); the engine has no importable helper for it."""
-    for block in model.blocks:
-        block.compile(fullgraph=True)
-
-
-class OursStep:
+class OursStep(TrainStep):
     """One step of ``kind`` through the engine's Objective / make_optimizer / EMA."""
 
     side = "ours"
@@ -210,14 +203,6 @@ class OursStep:
     def ema_update(self):
         self.ema.update(self.ema_decay)
 
-    def __call__(self, batch):
-        loss = self.loss(batch)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.clip()
-        self.opt.step()
-        self.ema_update()
-        return loss.detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,7 +254,7 @@ class Pair:
         self.ours_opt = make_optimizer(self.ours_model, cfg["lr"], self.device)
         self.ours_ema_updater = EMA(self.ours_ema, self.ours_model)
         if compile:
-            compile_blocks(self.ours_model)
+            self.ours_model.compile_blocks()  # what --compile does
 
     def steps(self, kind):
         if (kind == "warmup") != self.warm:

@@ -420,8 +420,7 @@ def _run_phase(phase, cfg, model, state, ckpt, data, encoders, indexer, schedule
     for p in params:
         p.grad = None
     if cfg.compile:
-        for block in model.blocks:
-            block.compile(fullgraph=True)
+        model.compile_blocks()
     runner = objective
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(
