@@ -35,7 +35,9 @@ setup(
     extras_require={
         # real-scale inputs: SD-VAE latents (diffusers), DINOv2 (transformers), shards, images
         "data": DATA_EXTRA,
-        "test": ["pytest", "pytest-benchmark", "triton"] + DATA_EXTRA,
+        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib"] + DATA_EXTRA,
+        # the convergence study's plot (python -m erw_fast.convergence)
+        "study": ["matplotlib"],
         "triton": ["triton"],
         "cuda": ["flash-attn", "xformers"],
     },

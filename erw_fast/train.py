@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "every run ends with one)")
     g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0 = only at the transfer and the end; "
                    "every run ends with one)")
+    g.add_argument("--ckpt-at", type=_step_list, default=None, metavar="N,N,...",
+                   help="also checkpoint at these total steps (warmup steps included), e.g. 300,600")
     g.add_argument("--log-every", type=int, help=f"log metrics every N steps (default {d['log_every']} on digits)")
     g.add_argument("--sample-steps", type=int, help=f"sampler steps for the grid (default {d['sample_steps']} on digits)")
     g.add_argument("--sampler", choices=("sde", "ode-euler", "ode-heun"), help="sampler for the grid (default sde)")
@@ -117,6 +119,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--samples-per-class", type=int, help=f"grid columns (default {d['samples_per_class']})")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (messages and the final summary still print)")
     return p
+
+
+def _step_list(text: str):
+    try:
+        steps = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ckpt-at wants comma-separated step numbers, got {text!r}") from None
+    if any(v < 1 for v in steps):
+        raise argparse.ArgumentTypeError(f"--ckpt-at steps must be >= 1, got {text!r}")
+    return steps
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -116,6 +116,20 @@ def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
 
+def test_ckpt_at_writes_checkpoints_at_the_listed_total_steps(tmp_path):
+    c = cfg(tmp_path, ckpt_at=(2, 5, 6))  # 2 lies in the warmup (3 steps), 5 and 6 in phase 2
+    train(c)
+    names = sorted(os.listdir(os.path.join(c.out, "checkpoints")))
+    assert names == [f"{k:07d}.pt" for k in (2, 3, 5, 6, 7)]  # + the transfer (3) and the final (7) one
+    assert load(os.path.join(c.out, "checkpoints", "0000005.pt"))["phase_step"] == 2
+    assert config_from_args(build_parser().parse_args(["--ckpt-at", "30,10"])).ckpt_at == (30, 10)
+    assert resolve_config(TrainConfig(ckpt_at=(30, 10, 10))).ckpt_at == (10, 30)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--ckpt-at", "10,x"])
+    with pytest.raises(ValueError, match="ckpt-at"):
+        resolve_config(TrainConfig(ckpt_at=(0,)))
+
+
 def test_rope_and_qknorm_same_in_both_phases(tmp_path):
     res = train(cfg(tmp_path, rope=False, qk_norm=True, warmup_steps=1, steps=1))
     tr = load(res.checkpoint)["transfer"]

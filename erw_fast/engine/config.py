@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 from ..erw import ALIGN_KINDS, SCHEDULE_KINDS, get_method
 
@@ -86,6 +86,7 @@ class TrainConfig:
     # output
     sample_every: Optional[int] = None      # 0 = only the final grid
     ckpt_every: Optional[int] = None        # 0 = only the final checkpoint (and the transfer one)
+    ckpt_at: Optional[Tuple[int, ...]] = None  # extra checkpoints at these total steps (warmup included)
     log_every: Optional[int] = None
     sample_steps: Optional[int] = None
     sampler: Optional[str] = None
@@ -103,7 +104,7 @@ class TrainConfig:
 
 # Fields that a resumed run takes from the new call rather than from the checkpoint.
 # ``RESUME_OVERRIDABLE`` win when set (not None); ``RESUME_FROM_CALL`` always come from the new call.
-RESUME_OVERRIDABLE = ("encoder_path", "steps", "sample_every", "ckpt_every", "log_every", "attn_backend", "fused",
+RESUME_OVERRIDABLE = ("encoder_path", "steps", "sample_every", "ckpt_every", "ckpt_at", "log_every", "attn_backend", "fused",
                       "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class")
 RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device",
                     "threads")
@@ -160,6 +161,9 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for name in ("warmup_steps", "steps", "sample_every", "ckpt_every"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+    c.ckpt_at = tuple(sorted({int(v) for v in (c.ckpt_at or ())}))
+    if any(v < 1 for v in c.ckpt_at):
+        raise ValueError(f"--ckpt-at steps must be >= 1, got {c.ckpt_at}")
     if c.batch_size < 1 or c.lr <= 0 or not 0 <= c.ema_decay < 1 or c.log_every < 1:
         raise ValueError(f"bad optimisation settings: batch {c.batch_size}, lr {c.lr}, ema {c.ema_decay}")
     if not method.warmup:

@@ -468,7 +468,8 @@ def _run_phase(phase, cfg, model, state, ckpt, data, encoders, indexer, schedule
         k += 1
         win_imgs += cfg.batch_size
         do_log = k % cfg.log_every == 0 or k == n_steps
-        do_ckpt = (cfg.ckpt_every and (offset + k) % cfg.ckpt_every == 0) or (warm and k == n_steps)
+        do_ckpt = ((cfg.ckpt_every and (offset + k) % cfg.ckpt_every == 0) or (warm and k == n_steps)
+                   or (offset + k) in cfg.ckpt_at)
         stop_now = stop_flag["signal"] is not None
         if cfg.stop_after is not None and offset + k >= cfg.stop_after:
             stop_now = True
@@ -532,7 +533,7 @@ def _run_phase(phase, cfg, model, state, ckpt, data, encoders, indexer, schedule
                             f"{human_flops((step_flops or 0) * W)} ({human_flops(step_flops or 0)}/step)")
         return status
     if status == "finished":
-        if not (cfg.ckpt_every and (offset + k) % cfg.ckpt_every == 0):
+        if not ((cfg.ckpt_every and (offset + k) % cfg.ckpt_every == 0) or (offset + k) in cfg.ckpt_at):
             save(k)
         _sample_and_save(cfg, ema_model, data, device, offset + k, amp, main, log, result, world)
         result.summary.update(train_seconds=seconds, train_flops_per_step=step_flops, last=last,
