@@ -217,7 +217,8 @@ def train_run(cfg: StudyConfig, plan: RunPlan, seed: int) -> str:
     t0 = time.time()
     res = train(tc)
     if res.status != "finished":
-        raise RuntimeError(f"{out}: training ended with status {res.status!r}")
+        raise RuntimeError(f"{out}: training ended with status {res.status!r}; run the same command again to "
+                           "resume it (finished runs and evaluations are kept)")
     with open(done, "w") as f:
         json.dump({"summary": res.summary, "steps": res.steps, "wall_seconds": time.time() - t0}, f, default=str)
     return out
