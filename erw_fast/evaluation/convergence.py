@@ -227,10 +227,12 @@ def train_run(cfg: StudyConfig, plan: RunPlan, seed: int) -> str:
 def evaluate_checkpoint(cfg: StudyConfig, path: str, ref_stats) -> dict:
     from ..metrics import (classifier_accuracy, compute_features, feature_stats, frechet_distance,
                           get_feature_network)
-    from ..sample import generate, load_model
+    from ..engine.utils import read_training_checkpoint
+    from ..models.loading import load_checkpoint
+    from ..sample import generate
 
-    model = load_model(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = read_training_checkpoint(path)
+    model = load_checkpoint(ckpt, which="ema").eval()
     shape = (model.in_channels, model.input_size, model.input_size)
     arr, labels = generate(model, range(cfg.num_samples), shape, list(range(model.num_classes)), seed=cfg.eval_seed,
                            sampler=cfg.sampler, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
