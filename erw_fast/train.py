@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "or torch hub cache, downloaded when online)")
     g.add_argument("--encoder-source", default="auto", choices=("auto", "transformers", "hub"),
                    help="DINOv2 loading route (default auto: from --encoder-path's contents, else the caches)")
+    g.add_argument("--prefetch", type=int, default=2, metavar="N",
+                   help="latent data: prepare the next N batches (shard reads, posterior sampling, encoder crops "
+                   "or features) in a background thread while the current step trains (default 2; 0 = off; "
+                   "the batches are identical either way)")
     g.add_argument("--features", default="online", choices=("online", "precomputed"),
                    help="target features: run the encoder each step (default), or read the fp16 shards written by "
                    "`python -m erw_fast.extract_features` (skips the encoder and the image reads)")

@@ -256,3 +256,34 @@ def test_default_config_is_the_digits_run():
     assert resolve_config(TrainConfig(method="repa")).warmup_steps == 0
     xl = resolve_config(TrainConfig(model="SiT-XL/2"))
     assert (xl.l2r_depth, xl.encoder_depth, xl.lambda0) == (4, 14, 6.0)
+
+
+def test_prefetcher_returns_fn_k_and_reads_ahead_in_a_thread():
+    import threading
+    import time as _time
+
+    from erw_fast.engine.utils import Prefetcher, map_tensors
+
+    calls = []
+
+    def fn(k):
+        calls.append((k, threading.current_thread().name))
+        return (torch.full((2,), float(k)), None, [torch.tensor(k)])
+
+    pf = Prefetcher(fn, depth=2)
+    for k in (0, 1, 2, 7, 8, 3):  # in order, a jump ahead, and back
+        x, none, (y,) = pf.get(k)
+        assert none is None and float(x[0]) == k and int(y) == k
+    deadline = _time.time() + 5
+    while not any(k == 5 for k, _ in calls) and _time.time() < deadline:  # 3 asked: 4 and 5 run ahead
+        _time.sleep(0.01)
+    pf.close()
+    assert {k for k, _ in calls} >= {0, 1, 2, 3, 4, 5, 7, 8}  # 9, 10 may be cancelled when 3 is asked
+    assert all(name.startswith("erw_fast-prefetch") for _, name in calls)
+    sync = Prefetcher(fn, depth=0)
+    n = len(calls)
+    assert float(sync.get(4)[0][0]) == 4 and calls[n:] == [(4, threading.current_thread().name)]
+    doubled = map_tensors(lambda v: v * 2, (torch.ones(1), None, [torch.ones(1), "x"]))
+    assert float(doubled[0]) == 2 and doubled[1] is None and float(doubled[2][0]) == 2 and doubled[2][1] == "x"
+    with pytest.raises(ValueError, match="prefetch"):
+        resolve_config(TrainConfig(prefetch=-1))

@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     threads: Optional[int] = None           # CPU threads for torch (None = torch's default)
+    prefetch: int = 2                       # latent data: batches prepared ahead in a background thread
     # output
     sample_every: Optional[int] = None      # 0 = only the final grid
     ckpt_every: Optional[int] = None        # 0 = only the final checkpoint (and the transfer one)
@@ -107,7 +108,7 @@ class TrainConfig:
 RESUME_OVERRIDABLE = ("encoder_path", "steps", "sample_every", "ckpt_every", "ckpt_at", "log_every", "attn_backend", "fused",
                       "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class")
 RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device",
-                    "threads")
+                    "threads", "prefetch")
 
 
 def model_size(name: str) -> str:
@@ -161,6 +162,8 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for name in ("warmup_steps", "steps", "sample_every", "ckpt_every"):
         if getattr(c, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
+    if c.prefetch < 0:
+        raise ValueError(f"--prefetch must be >= 0, got {c.prefetch}")
     c.ckpt_at = tuple(sorted({int(v) for v in (c.ckpt_at or ())}))
     if any(v < 1 for v in c.ckpt_at):
         raise ValueError(f"--ckpt-at steps must be >= 1, got {c.ckpt_at}")
