@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from erw_fast import convergence as cli
 from erw_fast.evaluation import convergence as cv
@@ -30,6 +31,10 @@ def test_plan_gives_every_method_the_same_compute():
     assert erw.eval_fractions == [0.4, 0.6, 0.8, 1.0]
     assert all(k > erw.warmup_steps for k in erw.eval_steps)
     assert len(plans["repa"].eval_steps) == 5
+    # the control (ERW's λ without warmup) spends its budget exactly like REPA
+    ctrl = plans["erw-nowarmup"]
+    assert (ctrl.warmup_steps, ctrl.steps, ctrl.eval_steps) == (0, 600, plans["repa"].eval_steps)
+    assert cv.engine_method("erw-nowarmup") == "erw" and cv.engine_method("repa") == "repa"
 
 
 def test_plan_refuses_a_budget_smaller_than_the_warmup():
@@ -75,11 +80,18 @@ def test_compute_ratios_pair_seeds_and_use_the_target_runs_final_fid():
     assert rows[1]["ratio"] is None and "not reached" in cv.format_ratio(rows)
 
 
-def test_bad_flags_are_refused(tmp_path):
+def test_bad_flags_and_mismatched_settings_are_refused(tmp_path):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--methods", "erw,dit"])
-    with pytest.raises(ValueError, match="repa"):
-        cv.run_study(cv.StudyConfig(out=str(tmp_path), methods=("vanilla", "erw"), plot="", doc=""))
+    assert cli.build_parser().parse_args(["--methods", "erw-nowarmup,repa"]).methods == ("repa", "erw-nowarmup")
+    with pytest.raises(ValueError, match="subset"):
+        cv.run_study(cv.StudyConfig(out=str(tmp_path), methods=("erw", "repa"), plot="", doc=""))
+    # a folder made with other settings is not mixed with new ones (nothing is trained)
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "settings.json").write_text(json.dumps(cv.study_settings(cv.StudyConfig(num_samples=400), 200)))
+    with pytest.raises(ValueError, match="num_samples: 400 there, 1000 now"):
+        cv.run_study(cv.StudyConfig(out=str(out), num_samples=1000, warmup_steps=200, plot="", doc=""))
 
 
 def test_tiny_study_end_to_end(tmp_path):
@@ -89,6 +101,8 @@ def test_tiny_study_end_to_end(tmp_path):
     out, doc, plot = tmp_path / "runs", tmp_path / "conv.md", tmp_path / "conv.png"
     argv = ["--out", str(out), "--doc", str(doc), "--plot", str(plot), "--seeds", "0", "--budget-steps", "6",
             "--points", "2", "--warmup-steps", "2", "--num-samples", "12", "--sample-steps", "2", "--no-progress"]
+    (out / "vanilla-seed0").mkdir(parents=True)  # a run killed before its first checkpoint is started over
+    (out / "vanilla-seed0" / "config.json").write_text("{}")
     r = cli.main(argv)
     study, results = r["study"], r["results"]
     plans = study["plans"]
@@ -102,6 +116,9 @@ def test_tiny_study_end_to_end(tmp_path):
         assert np.isfinite(x["fid"]) and x["fid"] > 0 and 0 <= x["accuracy"] <= 1 and x["seconds"] > 0
         assert x["flops"] <= study["budget"] * 1.2
     erw_final = [x for x in results if x["method"] == "erw"][-1]
+    ck = torch.load(out / "erw-seed0" / "checkpoints" / f"{erw_final['step']:07d}.pt", weights_only=True)
+    assert erw_final["seconds"] == pytest.approx(ck["phase_seconds"] + ck["warmup_cost"]["seconds"])
+    assert ck["warmup_cost"]["seconds"] > 0
     assert erw_final["flops"] == pytest.approx(plans["erw"]["warmup_steps"] * study["flops"]["warmup"]
                                                + plans["erw"]["steps"] * study["flops"]["full"])
     text = doc.read_text()
@@ -113,7 +130,9 @@ def test_tiny_study_end_to_end(tmp_path):
     # hand-written notes survive a rerun; the rerun trains and evaluates nothing new
     doc.write_text(text.replace("_(no notes yet)_", "my diagnosis"))
     n_lines = len((out / "results.jsonl").read_text().splitlines())
-    cli.main(argv)
-    assert "my diagnosis" in doc.read_text()
-    assert len((out / "results.jsonl").read_text().splitlines()) == n_lines
+    cli.main(argv + ["--methods", "erw-nowarmup"])  # a control added later joins the same report
+    text = doc.read_text()
+    assert "my diagnosis" in text and "| ERW λ, no warmup (control) |" in text
+    assert len((out / "results.jsonl").read_text().splitlines()) == n_lines + len(plans["repa"]["eval_steps"])
+    assert text.count("python -m erw_fast.convergence --out") == 2  # both commands are listed
     assert json.loads((out / "study.json").read_text())["budget"] == pytest.approx(study["budget"])

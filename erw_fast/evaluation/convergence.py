@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -21,8 +22,13 @@ import numpy as np
 import torch
 
 METHODS = ("vanilla", "repa", "erw")
-COLORS = {"vanilla": "#7f7f7f", "repa": "#1f77b4", "erw": "#d62728"}
-LABELS = {"vanilla": "SiT (vanilla)", "repa": "REPA", "erw": "ERW (warmup counted)"}
+# controls: runs that separate ERW's ingredients. erw-nowarmup = ERW's decaying λ without the warmup
+# (REPA's loss with ERW's schedule), so ERW vs erw-nowarmup isolates the warmup + transfer.
+CONTROLS = ("erw-nowarmup",)
+ALL_METHODS = METHODS + CONTROLS
+COLORS = {"vanilla": "#7f7f7f", "repa": "#1f77b4", "erw": "#d62728", "erw-nowarmup": "#ff7f0e"}
+LABELS = {"vanilla": "SiT (vanilla)", "repa": "REPA", "erw": "ERW (warmup counted)",
+          "erw-nowarmup": "ERW λ, no warmup (control)"}
 NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
 
 
@@ -63,6 +69,11 @@ class RunPlan:
         return self.warmup_steps + self.steps
 
 
+def engine_method(method: str) -> str:
+    """The trainer's --method for a study method (controls are configurations of ERW)."""
+    return "erw" if method.startswith("erw") else method
+
+
 def step_flops_of(flops: Dict[str, float], method: str) -> Tuple[float, float]:
     """(FLOPs of a warmup step, FLOPs of a full step) for ``method``."""
     if method == "vanilla":
@@ -78,7 +89,7 @@ def compute_at(flops: Dict[str, float], plan: RunPlan, total_step: int) -> float
 
 
 def plan_runs(flops: Dict[str, float], budget_steps: int, points: int, warmup_steps: int,
-              methods: Sequence[str] = METHODS) -> Tuple[float, Dict[str, RunPlan]]:
+              methods: Sequence[str] = ALL_METHODS) -> Tuple[float, Dict[str, RunPlan]]:
     """Step counts that give every method the compute of ``budget_steps`` REPA steps, and the total
     step at which each method is evaluated (``points`` equal fractions of the budget)."""
     if budget_steps < 1 or points < 1:
@@ -99,7 +110,7 @@ def plan_runs(flops: Dict[str, float], budget_steps: int, points: int, warmup_st
             left = q * budget - w * fw
             if left < ff * 0.5:  # this fraction of the budget falls inside ERW's warmup
                 continue
-            k = w + int(round(left / ff)) if i < points else w + steps
+            k = w + max(1, int(round(left / ff))) if i < points else w + steps
             if k not in plan.eval_steps:
                 plan.eval_steps.append(k)
                 plan.eval_fractions.append(q)
@@ -205,15 +216,20 @@ def train_run(cfg: StudyConfig, plan: RunPlan, seed: int) -> str:
     """Train one run (or resume an unfinished one); returns its folder."""
     from ..engine import TrainConfig, train
     from ..engine.loop import folder_holds_run
+    from ..engine.utils import list_checkpoints
 
     out = run_dir(cfg, plan.method, seed)
     done = os.path.join(out, "done.json")
     if os.path.exists(done):
         return out
-    tc = TrainConfig(method=plan.method, model=cfg.model, out=out, seed=seed, steps=plan.steps,
-                     warmup_steps=plan.warmup_steps if plan.method == "erw" else None,
+    resume = bool(list_checkpoints(out))
+    if not resume and folder_holds_run(out):  # killed before its first checkpoint: start it over
+        shutil.rmtree(out)
+    method = engine_method(plan.method)
+    tc = TrainConfig(method=method, model=cfg.model, out=out, seed=seed, steps=plan.steps,
+                     warmup_steps=plan.warmup_steps if method == "erw" else None,
                      ckpt_at=tuple(plan.eval_steps), samples_per_class=1, threads=cfg.threads,
-                     progress=cfg.progress, resume="auto" if folder_holds_run(out) else None)
+                     progress=cfg.progress, resume="auto" if resume else None)
     t0 = time.time()
     res = train(tc)
     if res.status != "finished":
@@ -280,31 +296,81 @@ def final_losses(folder: str, tail: float = 0.1) -> dict:
                 align=float(np.mean([r["loss_align"] for r in recs])))
 
 
+def study_settings(cfg: StudyConfig, warmup: int) -> dict:
+    """What the runs and evaluations in ``cfg.out`` depend on (a rerun must match it)."""
+    return dict(model=cfg.model, budget_steps=cfg.budget_steps, points=cfg.points, warmup_steps=warmup,
+                num_samples=cfg.num_samples, sampler=cfg.sampler, sample_steps=cfg.sample_steps,
+                cfg_scale=cfg.cfg_scale, eval_seed=cfg.eval_seed)
+
+
+def check_settings(out: str, settings: dict):
+    """Write ``out/settings.json`` on the first run; refuse a rerun whose settings differ."""
+    path = os.path.join(out, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"{out} holds a study made with other settings ({what}); its runs and FIDs cannot be "
+                             "mixed with these. Use another --out (and --doc/--plot), or the same settings")
+    else:
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=1)
+
+
+def lambda_schedules(model: Optional[str]) -> Dict[str, str]:
+    """How each study method weighs the alignment loss (from the trainer's defaults)."""
+    from ..engine.config import TrainConfig, resolve_config
+
+    out = {}
+    for m in ALL_METHODS:
+        c = resolve_config(TrainConfig(method=engine_method(m), model=model))
+        if m == "vanilla":
+            out[m] = "none"
+        elif c.lambda_schedule == "constant":
+            out[m] = f"constant {c.lambda0:g}"
+        elif c.lambda_schedule == "halflife":
+            out[m] = f"{c.lambda0:g}·2^(−k/{c.half_life:g}), k = full-training step"
+        else:
+            out[m] = f"{c.lambda_schedule} from {c.lambda0:g}"
+    return out
+
+
+def _append_command(out: str, command: str) -> List[str]:
+    path = os.path.join(out, "commands.json")
+    cmds = json.load(open(path)) if os.path.exists(path) else []
+    if command not in cmds:
+        cmds.append(command)
+        with open(path, "w") as f:
+            json.dump(cmds, f, indent=1)
+    return cmds
+
+
 def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
     from ..engine.config import TrainConfig, resolve_config
     from ..metrics import digits_reference_stats
 
-    if cfg.methods != tuple(m for m in METHODS if m in cfg.methods) or not cfg.methods:
-        raise ValueError(f"--methods must be a subset of {','.join(METHODS)} in that order, got {cfg.methods}")
-    if "repa" not in cfg.methods:
-        raise ValueError("--methods must include repa: the budget is counted in REPA steps")
+    if not cfg.methods or cfg.methods != tuple(m for m in ALL_METHODS if m in cfg.methods):
+        raise ValueError(f"--methods must be a subset of {','.join(ALL_METHODS)} in that order, got {cfg.methods}")
     if cfg.num_samples < 2:
         raise ValueError(f"--num-samples must be >= 2 for FID, got {cfg.num_samples}")
     if cfg.plot:
         _require_matplotlib()
     t_start = time.time()
-    os.makedirs(cfg.out, exist_ok=True)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else \
         resolve_config(TrainConfig(method="erw", model=cfg.model)).warmup_steps
+    os.makedirs(cfg.out, exist_ok=True)
+    check_settings(cfg.out, study_settings(cfg, warmup))
     say = (lambda msg: print(msg, file=sys.stderr, flush=True))
     say("convergence study: counting FLOPs per step ...")
     flops = probe_flops(cfg.model, cfg.threads)
-    budget, plans = plan_runs(flops, cfg.budget_steps, cfg.points, warmup, cfg.methods)
-    for m, p in plans.items():
-        say(f"  {m:8s}: {p.warmup_steps} warmup + {p.steps} full steps; evaluated at total steps {p.eval_steps}")
+    budget, plans = plan_runs(flops, cfg.budget_steps, cfg.points, warmup)
+    for m in cfg.methods:
+        p = plans[m]
+        say(f"  {m:12s}: {p.warmup_steps} warmup + {p.steps} full steps; evaluated at total steps {p.eval_steps}")
     results_path = os.path.join(cfg.out, "results.jsonl")
-    results = read_results(results_path)
-    have = {(r["method"], r["seed"], r["step"]) for r in results}
+    have = {(r["method"], r["seed"], r["step"]) for r in read_results(results_path)}
     ref_stats = digits_reference_stats()
     runs = [(s, m) for s in cfg.seeds for m in cfg.methods]
     for i, (seed, m) in enumerate(runs):
@@ -312,32 +378,28 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
         say(f"[{i + 1}/{len(runs)}] {m} seed {seed}: training {plan.warmup_steps} + {plan.steps} steps "
             f"({(time.time() - t_start) / 60:.1f} min so far)")
         folder = train_run(cfg, plan, seed)
-        todo = [k for k in plan.eval_steps if (m, seed, k) not in have]
-        for k in todo:
-            path = os.path.join(folder, "checkpoints", f"{k:07d}.pt")
+        for k in [k for k in plan.eval_steps if (m, seed, k) not in have]:
             t0 = time.time()
-            ev = evaluate_checkpoint(cfg, path, ref_stats)
+            ev = evaluate_checkpoint(cfg, os.path.join(folder, "checkpoints", f"{k:07d}.pt"), ref_stats)
             rec = dict(method=m, seed=seed, step=k, fraction=plan.eval_fractions[plan.eval_steps.index(k)],
                        flops=compute_at(flops, plan, k), **ev, eval_seconds=time.time() - t0)
-            results.append(rec)
             with open(results_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             say(f"    step {k}: FID {ev['fid']:.2f}, accuracy {ev['accuracy'] * 100:.1f}% "
                 f"({rec['eval_seconds']:.0f} s to evaluate)")
-    floor = data_floor(cfg, ref_stats)
-    losses = {m: {s: final_losses(run_dir(cfg, m, s)) for s in cfg.seeds} for m in cfg.methods}
-    train_wall = 0.0
-    for m in cfg.methods:
-        for s in cfg.seeds:
-            with open(os.path.join(run_dir(cfg, m, s), "done.json")) as f:
-                train_wall += float(json.load(f).get("wall_seconds", 0.0))
-    results = [r for r in read_results(results_path)
-               if r["method"] in plans and r["seed"] in cfg.seeds and r["step"] in plans[r["method"]].eval_steps]
-    eval_wall = sum(r.get("eval_seconds", 0.0) for r in results)
-    study = dict(config=asdict(cfg), flops=flops, budget=budget, plans={m: asdict(p) for m, p in plans.items()},
-                 floor=floor, losses=losses, minutes=(time.time() - t_start) / 60,
-                 train_minutes=train_wall / 60, eval_minutes=eval_wall / 60,
-                 command=" ".join(["python -m erw_fast.convergence"] + [shlex.quote(a) for a in (argv or [])]),
+    # the report covers every method and seed evaluated in this folder (e.g. a control added later)
+    results = [r for r in read_results(results_path) if r["method"] in plans and r["step"] in plans[r["method"]].eval_steps]
+    methods = [m for m in ALL_METHODS if any(r["method"] == m for r in results)]
+    seeds = sorted({r["seed"] for r in results})
+    finals = [r for r in results if r["step"] == plans[r["method"]].total_steps]
+    losses = {m: {s: final_losses(run_dir(cfg, m, s)) for s in seeds} for m in methods}
+    command = " ".join(["python -m erw_fast.convergence"] + [shlex.quote(a) for a in (argv or [])])
+    study = dict(config=asdict(cfg), settings=study_settings(cfg, warmup), flops=flops, budget=budget,
+                 plans={m: asdict(plans[m]) for m in methods}, methods=methods, seeds=seeds,
+                 schedules=lambda_schedules(cfg.model), floor=data_floor(cfg, ref_stats), losses=losses,
+                 minutes=(time.time() - t_start) / 60, train_minutes=sum(r["seconds"] for r in finals) / 60,
+                 eval_minutes=sum(r.get("eval_seconds", 0.0) for r in results) / 60,
+                 commands=_append_command(cfg.out, command),
                  machine=dict(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                               torch=torch.__version__, python=platform.python_version()))
     with open(os.path.join(cfg.out, "study.json"), "w") as f:
@@ -411,7 +473,7 @@ def write_plot(path: str, results: List[dict], study: dict) -> str:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{study['plans']['repa']['steps']} REPA steps of compute; mean over seeds, band = min–max; "
+    fig.suptitle(f"{c['budget_steps']} REPA steps of compute; mean over seeds, band = min–max; "
                  f"{c['sampler']} {c['sample_steps']} steps, cfg {c['cfg_scale']:g}", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -435,45 +497,48 @@ def _keep_notes(path: str) -> str:
 
 def write_doc(path: str, results: List[dict], study: dict) -> str:
     c, plans, flops, budget = study["config"], study["plans"], study["flops"], study["budget"]
-    methods, seeds = list(plans), list(c["seeds"])
-    L = []
-    L.append("# Convergence: vanilla SiT vs REPA vs ERW at equal training compute\n")
-    L.append("Written by `python -m erw_fast.convergence` (the numbers, tables and plot) — the notes section is "
-             "written by hand and kept when the study is rerun.\n")
-    L.append("```bash\n" + study["command"] + "\n```\n")
+    methods, seeds, st = study["methods"], study["seeds"], study["settings"]
+    L = ["# Convergence: vanilla SiT vs REPA vs ERW at equal training compute\n",
+         "Written by `python -m erw_fast.convergence` (the numbers, tables and plot); the notes section is "
+         "written by hand and kept when the study is rerun. The commands that produced this folder's runs:\n",
+         "```bash\n" + "\n".join(study["commands"]) + "\n```\n"]
     m = study["machine"]
-    L.append(f"Training and evaluation took {study['train_minutes'] + study['eval_minutes']:.1f} min "
-             f"({study['train_minutes']:.1f} training, {study['eval_minutes']:.1f} evaluation) on {m['threads']} CPU "
-             f"threads ({m['cpu']}), torch {m['torch']}, Python {m['python']}; the last invocation of the command "
-             f"took {study['minutes']:.1f} min (a rerun skips finished runs and evaluations).\n")
+    L.append(f"Training took {study['train_minutes']:.1f} min and evaluation {study['eval_minutes']:.1f} min in all, "
+             f"on {m['threads']} CPU threads ({m['cpu']}), torch {m['torch']}, Python {m['python']}. A rerun skips "
+             f"finished runs and evaluations; the last invocation took {study['minutes']:.1f} min.\n")
     L.append("## Setup\n")
-    L.append(f"- Same model (`{c['model'] or 'SiT-D/2'}`), data (1,797 embedded digits, 16×16), batch, lr, EMA and "
-             "seeds for every method; only the method differs.")
-    L.append(f"- Budget: the compute of {c['budget_steps']} REPA steps = **{budget / 1e12:.2f} TFLOP** per run, counted "
+    L.append(f"- Same model (`{st['model'] or 'SiT-D/2'}`), data (1,797 embedded digits, 16×16), batch, lr, EMA and "
+             "training seeds for every method. The methods differ in the alignment loss and its weight λ, and in "
+             "ERW's warmup (blocks 0..L−1 trained alone, then transferred with a fresh optimizer and EMA).")
+    L.append(f"- Budget: the compute of {st['budget_steps']} REPA steps = **{budget / 1e12:.2f} TFLOP** per run, counted "
              "with `torch.utils.flop_counter` (forward + backward + frozen target encoder) exactly as the trainer "
              "logs it.\n")
-    rows = ["| method | FLOPs per step | warmup steps | full steps | evaluated at total steps |", "|---|---|---|---|---|"]
+    L += ["| method | λ | FLOPs per step | warmup steps | full steps | evaluated at total steps |",
+          "|---|---|---|---|---|---|"]
     for mm in methods:
         p = plans[mm]
         fw, ff = step_flops_of(flops, mm)
         per = f"{ff / 1e9:.2f} GFLOP" + (f" (warmup step {fw / 1e9:.2f} GFLOP)" if fw else "")
-        rows.append(f"| {LABELS[mm]} | {per} | {p['warmup_steps']} | {p['steps']} | {', '.join(map(str, p['eval_steps']))} |")
-    L += rows + [""]
-    L.append(f"- Evaluation: EMA weights, {c['num_samples']} samples per checkpoint ({c['sampler']}, {c['sample_steps']} "
-             f"steps, guidance {c['cfg_scale']:g}, the same per-index noise and balanced classes for every checkpoint), "
-             "FID against all 1,797 digits in the feature space of the independent digits classifier (not the "
-             "target encoder), and the fraction of samples that classifier reads as the requested digit.")
+        L.append(f"| {LABELS[mm]} | {study['schedules'][mm]} | {per} | {p['warmup_steps']} | {p['steps']} | "
+                 f"{', '.join(map(str, p['eval_steps']))} |")
+    L.append("")
+    L.append(f"- Evaluation: EMA weights, {st['num_samples']} samples per checkpoint ({st['sampler']}, "
+             f"{st['sample_steps']} steps, guidance {st['cfg_scale']:g}, the same per-index noise and balanced classes "
+             "for every checkpoint). FID is against all 1,797 digits in the feature space of the project's digits "
+             "classifier, and accuracy is the fraction of samples it reads as the requested digit. The classifier is "
+             "not the target encoder (other architecture, objective and weights), but both were trained with labels "
+             "on the same split, so alignment to the encoder can carry class information that the classifier "
+             "rewards, the accuracy most of all.")
     fl, fs = study["floor"]
-    L.append(f"- Floor: {c['num_samples']} *real* digits score FID {fl:.2f} ± {fs:.2f} against the same reference "
+    L.append(f"- Floor: {st['num_samples']} *real* digits score FID {fl:.2f} ± {fs:.2f} against the same reference "
              "(small-sample bias); no model can do much better than that.\n")
     if c["plot"]:
         rel = os.path.relpath(c["plot"], os.path.dirname(os.path.abspath(path)) or ".")
         L.append(f"![FID and accuracy against training compute]({rel})\n")
     L.append("## Results (mean ± std over seeds " + ", ".join(map(str, seeds)) + ")\n")
     fracs = sorted({round(r["fraction"], 6) for r in results})
-    head = "| compute | " + " | ".join(f"{LABELS[mm]} FID" for mm in methods) + " | " + \
-        " | ".join(f"{LABELS[mm]} acc. %" for mm in methods) + " |"
-    L += [head, "|" + "---|" * (1 + 2 * len(methods))]
+    L += ["| compute | " + " | ".join(f"{LABELS[mm]} FID" for mm in methods) + " | " +
+          " | ".join(f"{LABELS[mm]} acc. %" for mm in methods) + " |", "|" + "---|" * (1 + 2 * len(methods))]
     for q in fracs:
         cells_f, cells_a = [], []
         for mm in methods:
@@ -482,25 +547,24 @@ def write_doc(path: str, results: List[dict], study: dict) -> str:
             cells_a.append(_pm([r["accuracy"] * 100 for r in g], "{:.1f}") if g else "(warmup)")
         L.append(f"| {q * 100:.0f}% ({q * budget / 1e12:.2f} TFLOP) | " + " | ".join(cells_f) + " | " + " | ".join(cells_a) + " |")
     L.append("")
-    secs = {mm: [r["seconds"] for r in results if r["method"] == mm and round(r["fraction"], 6) == 1.0] for mm in methods}
+    secs = {mm: [r["seconds"] for r in results if r["method"] == mm and r["step"] == plans[mm]["warmup_steps"] + plans[mm]["steps"]]
+            for mm in methods}
     L.append("Wall clock of a whole run (training only, warmup included): " + "; ".join(
         f"{LABELS[mm]} {_pm(v, '{:.0f}')} s" for mm, v in secs.items() if v) + ".\n")
-    L.append("## How much of REPA's compute ERW needs\n")
-    L.append("| to reach, same seed | ERW: fraction of REPA's FLOPs (warmup included) | ERW: fraction of REPA's seconds |")
-    L.append("|---|---|---|")
-    if "erw" in methods:
-        for tgt in ("repa", "vanilla"):
-            if tgt in methods:
-                rr = compute_ratios(results, budget, seeds, "erw", "repa", tgt)
-                L.append(f"| {LABELS[tgt]}'s final FID | {format_ratio(rr)} | {format_ratio(rr, 'seconds_ratio')} |")
-    if "vanilla" in methods:
-        rr = compute_ratios(results, budget, seeds, "repa", "repa", "vanilla")
-        L.append(f"| (REPA, for comparison) vanilla's final FID | {format_ratio(rr)} | {format_ratio(rr, 'seconds_ratio')} |")
-    L.append("\nRatios interpolate linearly between evaluation points; \"≤\" marks seeds that were already there at "
+    L.append("## How much compute each method needs to reach another's final FID\n")
+    L += ["| method | to reach, same seed | fraction of REPA's FLOPs (warmup included) | fraction of REPA's seconds |",
+          "|---|---|---|---|"]
+    pairs = [("erw", "repa"), ("erw", "vanilla"), ("repa", "vanilla"), ("erw-nowarmup", "repa"), ("erw", "erw-nowarmup")]
+    for who, tgt in pairs:
+        if who in methods and tgt in methods and "repa" in methods:
+            rr = compute_ratios(results, budget, seeds, who, "repa", tgt)
+            L.append(f"| {LABELS[who]} | {LABELS[tgt]}'s final FID | {format_ratio(rr)} | {format_ratio(rr, 'seconds_ratio')} |")
+    L.append("\nEvery run has the same FLOP budget, so a fraction below 1 means fewer FLOPs than REPA spent in total. "
+             "Ratios interpolate linearly between evaluation points; \"≤\" marks seeds that were already there at "
              "their first evaluation, \"not reached\" seeds that never got there within the budget.\n")
     L.append("## Per seed (final checkpoint)\n")
-    L.append("| method | seed | FID | accuracy % | seconds | final velocity loss | final alignment loss |")
-    L.append("|---|---|---|---|---|---|---|")
+    L += ["| method | seed | FID | accuracy % | seconds | final velocity loss | final alignment loss |",
+          "|---|---|---|---|---|---|---|"]
     for mm in methods:
         for s in seeds:
             cv = curves(results, mm, s)
@@ -510,7 +574,7 @@ def write_doc(path: str, results: List[dict], study: dict) -> str:
             al = f"{lo['align']:.3f}" if lo and mm != "vanilla" else "–"
             L.append(f"| {LABELS[mm]} | {s} | {cv[-1]['fid']:.2f} | {cv[-1]['accuracy'] * 100:.1f} | "
                      f"{cv[-1]['seconds']:.0f} | {lo.get('velocity', float('nan')):.4f} | {al} |")
-    L.append("\nLosses are means over the last 10% of the logged full-training steps (training batches).\n")
+    L.append("\nLosses: mean of the single-batch values logged in the last 10% of full training (every 10th step).\n")
     L.append("## Notes\n")
     L.append(_keep_notes(path))
     L.append("")
