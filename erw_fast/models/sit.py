@@ -37,9 +37,19 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+class Projector(nn.Sequential):
+    """An ``nn.Sequential`` whose ``forward`` lives in this file, so that ``Module.compile(fullgraph=True)``
+    traces it (Dynamo does not start a frame inside ``torch.nn``'s own ``Sequential.forward``)."""
+
+    def forward(self, h):
+        for layer in self:
+            h = layer(h)
+        return h
+
+
 def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
     """REPA's projector: Linear-SiLU-Linear-SiLU-Linear (keys ``0``, ``2``, ``4``)."""
-    return nn.Sequential(
+    return Projector(
         nn.Linear(hidden_size, projector_dim),
         nn.SiLU(),
         nn.Linear(projector_dim, projector_dim),
@@ -91,6 +101,19 @@ def apply_rope(x, cos, sin):
     x_pairs = x.unflatten(-1, (-1, 2))
     rotated = torch.stack((-x_pairs[..., 1], x_pairs[..., 0]), dim=-1).flatten(-2)
     return (x * cos + rotated * sin).to(x.dtype)
+
+
+_GELU_K2 = 2.0 * math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh_as_sigmoid(x):
+    """tanh-approximated GELU written as ``x * sigmoid(2u)``, u = sqrt(2/pi) (x + 0.044715 x^3).
+
+    Exactly ``0.5 x (1 + tanh(u))`` (0.5 (1 + tanh u) = sigmoid(2u)); only the rounding differs.
+    Used inside compiled CPU graphs: Inductor's vectorised tanh is about 3x the cost of its
+    sigmoid there, and the backward recomputes the activation (see docs/BENCHMARKS.md).
+    """
+    return x * torch.sigmoid(_GELU_K2 * (x + 0.044715 * x * x * x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +224,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+        h = self.fc1(x)
+        if h.device.type == "cpu" and torch.compiler.is_compiling():
+            h = gelu_tanh_as_sigmoid(h)  # the same function; cheaper in Inductor's CPU code
+        else:
+            h = self.act(h)
+        return self.fc2(h)
 
 
 class _FusedMixin:
@@ -479,14 +507,15 @@ class SiT(nn.Module):
         return h if return_hidden else self.project(h)
 
     def compile_blocks(self, **compile_kwargs) -> "SiT":
-        """Compile each block with ``torch.compile(fullgraph=True)`` (the blocks share one graph).
+        """Compile each block and each projector head with ``torch.compile(fullgraph=True)``.
 
-        Much cheaper to compile than the whole model, and the block is where the fusable
-        elementwise work lives. Returns ``self``.
+        The blocks share one graph. Much cheaper to compile than the whole model, and the blocks
+        (LayerNorm, modulate, RoPE, GELU, residuals) and the projectors (two SiLUs on every token)
+        are where the fusable elementwise work lives. State-dict keys are unchanged. Returns ``self``.
         """
         compile_kwargs.setdefault("fullgraph", True)
-        for block in self.blocks:
-            block.compile(**compile_kwargs)
+        for module in (*self.blocks, *self.projectors):
+            module.compile(**compile_kwargs)
         return self
 
     def config(self) -> dict:
