@@ -15,8 +15,8 @@ expires finishes (tens of seconds at most on an H100).
 
 "ours" is the training engine's step (``erw_fast.engine``): its ``Objective`` (fused projection+cosine
 alignment loss on CUDA), the SiT with fused LayerNorm+modulate / gated residual (on CUDA, Triton),
-every SiT block and projector head compiled with ``fullgraph=True`` (``SiT.compile_blocks()``, what
-``train --compile`` does),
+every SiT block compiled with ``fullgraph=True`` (``SiT.compile_blocks()``, what ``train --compile``
+does),
 ``make_optimizer`` (fused AdamW on CUDA, foreach on CPU), ``clip_grad_norm_(foreach=True)``, the
 ``EMA`` (``torch._foreach_lerp_``) and the target encoder under bf16 autocast on CUDA
 (``TargetEncoder.reduced_precision``).  Both sides start from identical weights, read the same batches,

@@ -37,19 +37,9 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class Projector(nn.Sequential):
-    """An ``nn.Sequential`` whose ``forward`` lives in this file, so that ``Module.compile(fullgraph=True)``
-    traces it (Dynamo does not start a frame inside ``torch.nn``'s own ``Sequential.forward``)."""
-
-    def forward(self, h):
-        for layer in self:
-            h = layer(h)
-        return h
-
-
 def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
     """REPA's projector: Linear-SiLU-Linear-SiLU-Linear (keys ``0``, ``2``, ``4``)."""
-    return Projector(
+    return nn.Sequential(
         nn.Linear(hidden_size, projector_dim),
         nn.SiLU(),
         nn.Linear(projector_dim, projector_dim),
@@ -507,15 +497,16 @@ class SiT(nn.Module):
         return h if return_hidden else self.project(h)
 
     def compile_blocks(self, **compile_kwargs) -> "SiT":
-        """Compile each block and each projector head with ``torch.compile(fullgraph=True)``.
+        """Compile each block with ``torch.compile(fullgraph=True)`` (the blocks share one graph).
 
-        The blocks share one graph. Much cheaper to compile than the whole model, and the blocks
-        (LayerNorm, modulate, RoPE, GELU, residuals) and the projectors (two SiLUs on every token)
-        are where the fusable elementwise work lives. State-dict keys are unchanged. Returns ``self``.
+        Much cheaper to compile than the whole model, and the block is where the fusable
+        elementwise work lives (LayerNorm, modulate, RoPE, GELU, residuals). The projector heads
+        stay eager: compiled, their forward+backward was no faster on CPU (docs/BENCHMARKS.md).
+        Returns ``self``.
         """
         compile_kwargs.setdefault("fullgraph", True)
-        for module in (*self.blocks, *self.projectors):
-            module.compile(**compile_kwargs)
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
         return self
 
     def config(self) -> dict:
