@@ -120,7 +120,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # Contiguous (B, T, D) tokens: the transposed view (strides (T*D, 1, T)) would make every
+        # block's first LayerNorm read across rows, and Inductor (torch 2.13, CPU) computes the
+        # compiled block's backward about 3e-3 off on that layout (docs/BENCHMARKS.md).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class TimestepEmbedder(nn.Module):
