@@ -100,8 +100,9 @@ def gelu_tanh_as_sigmoid(x):
     """tanh-approximated GELU written as ``x * sigmoid(2u)``, u = sqrt(2/pi) (x + 0.044715 x^3).
 
     Exactly ``0.5 x (1 + tanh(u))`` (0.5 (1 + tanh u) = sigmoid(2u)); only the rounding differs.
-    Used inside compiled CPU graphs: Inductor's vectorised tanh is about 3x the cost of its
-    sigmoid there, and the backward recomputes the activation (see docs/BENCHMARKS.md).
+    Used inside compiled CPU graphs, where Inductor's code for it is about 2x faster than for the
+    tanh form (its vectorised tanh is the expensive part, and the backward recomputes the
+    activation; see docs/BENCHMARKS.md).
     """
     return x * torch.sigmoid(_GELU_K2 * (x + 0.044715 * x * x * x))
 
