@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .models.loading import _args_dict, infer_config, load_state_dict_checked, read_checkpoint
+from .models.checkpoint import _args_dict, infer_config, load_state_dict_checked, read_checkpoint
 from .models.sit import SiT
 
 FORMAT = "erw_guided_velocity/1"

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .models.loading import load_checkpoint
+from .models.checkpoint import load_checkpoint
 from .sampling import SAMPLERS, sample, sample_noise
 from .utils.png import save_png_grid, to_uint8
 from .utils.progress import progress

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from erw_fast import sampling
-from erw_fast.models.loading import load_checkpoint
+from erw_fast.models.checkpoint import load_checkpoint
 from erw_fast.models.sit import SiT
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

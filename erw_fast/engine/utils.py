@@ -125,7 +125,7 @@ def list_checkpoints(out: str) -> List[str]:
 
 
 def read_training_checkpoint(path: str) -> dict:
-    from ..models.loading import read_checkpoint
+    from ..models.checkpoint import read_checkpoint
 
     ckpt = read_checkpoint(path)
     needed = ("model", "ema", "opt", "args", "steps", "phase", "phase_step")

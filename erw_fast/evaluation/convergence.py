@@ -244,7 +244,7 @@ def evaluate_checkpoint(cfg: StudyConfig, path: str, ref_stats) -> dict:
     from ..metrics import (classifier_accuracy, compute_features, feature_stats, frechet_distance,
                           get_feature_network)
     from ..engine.utils import read_training_checkpoint
-    from ..models.loading import load_checkpoint
+    from ..models.checkpoint import load_checkpoint
     from ..sample import generate
 
     ckpt = read_training_checkpoint(path)

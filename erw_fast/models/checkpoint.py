@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -139,3 +139,36 @@ def load_checkpoint(path_or_ckpt, model: Optional[SiT] = None, which: str = "ema
         model = SiT(**cfg)
     load_state_dict_checked(model, sd, strict=strict)
     return model
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders: which checkpoint is the latest (the one place that decides it)
+# --------------------------------------------------------------------------------------------
+_CKPT_NAME = re.compile(r"^(\d+)\.pt$")
+
+
+def list_checkpoints(run: str) -> List[str]:
+    """A run's step checkpoints ``RUN/checkpoints/NNNNNNN.pt``, oldest first (by step number)."""
+    folder = os.path.join(run, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    names = sorted((int(m.group(1)), n) for n in os.listdir(folder) if (m := _CKPT_NAME.match(n)))
+    return [os.path.join(folder, n) for _, n in names]
+
+
+def resolve_checkpoint(path: str) -> str:
+    """``path`` itself when it is a file; for a run folder its latest step checkpoint (or, for a plain
+    folder of ``*.pt`` files, the last by name)."""
+    if not os.path.isdir(path):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such checkpoint: {path}")
+        return path
+    found = list_checkpoints(path)
+    if found:
+        return found[-1]
+    for folder in (os.path.join(path, "checkpoints"), path):
+        if os.path.isdir(folder):
+            pts = sorted(f for f in os.listdir(folder) if f.endswith(".pt"))
+            if pts:
+                return os.path.join(folder, pts[-1])
+    raise FileNotFoundError(f"no checkpoint (*.pt) found in {path} or {os.path.join(path, 'checkpoints')}")
