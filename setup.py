@@ -31,7 +31,7 @@ setup(
     package_data={"erw_fast": ["assets/*"]},
     include_package_data=True,
     # torch>=2.4 has torch.library.custom_op; CI pins the local CPU wheel (torch==2.13.0).
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         # real-scale inputs: SD-VAE latents (diffusers), DINOv2 (transformers), shards, images
         "data": DATA_EXTRA,

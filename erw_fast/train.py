@@ -1,11 +1,11 @@
 """Train ERW (default), REPA or vanilla SiT: ``python -m erw_fast.train [flags]``.
 
 With no flags: ERW on the embedded handwritten digits (16x16, 10 classes) with the embedded
-``digits-cnn`` target encoder and a tiny SiT-T/2 — warmup, transfer, full training — writing
+``digits-cnn`` target encoder and a small SiT-D/2 (4 blocks) — warmup, transfer, full training — writing
 checkpoints, metrics.jsonl and a PNG grid of EMA samples (one row per class) to runs/erw-digits.
 Add ``--compile`` to compile the SiT blocks. Multi-GPU: ``torchrun --nproc_per_node N -m erw_fast.train``.
 
-Flags left unset take per-model / per-dataset defaults (see erw_fast/engine/config.py); the
+Flags left unset take per-model / per-dataset defaults (erw_fast/method/recipes.py, erw_fast/engine/config.py); the
 chosen values are printed and saved in <out>/config.json and in every checkpoint.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sys
 
 from .engine import NonFiniteLossError, RunFolderError, TrainConfig, train
 from .engine.config import DATA_DEFAULTS, MODEL_DEFAULTS
+from .utils.distributed import shutdown
 
 
 def _fused(v: str):
@@ -32,17 +33,18 @@ def _fused(v: str):
 
 def build_parser() -> argparse.ArgumentParser:
     d = DATA_DEFAULTS["digits"]
-    t = MODEL_DEFAULTS["T"]
+    t = MODEL_DEFAULTS["D"]
     p = argparse.ArgumentParser(
         prog="python -m erw_fast.train", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("method")
     g.add_argument("--method", default="erw", help="erw (warmup + transfer + full training with decaying λ), "
-                   "repa (constant λ from scratch) or vanilla (velocity loss only). Default: erw")
+                   "repa (constant λ from scratch), vanilla (velocity loss only) or erw-nowarmup (control: ERW's "
+                   "decaying λ without the warmup). Default: erw")
     g.add_argument("--l2r-depth", type=int, help=f"ERW warmup region: blocks 0..L-1 are warmed up and transferred "
-                   f"(default per model: {t['l2r_depth']} for SiT-T, 4 for S/B/L/XL)")
+                   f"(default per model: {t['l2r_depth']} for SiT-D/T, 4 for S/B/L/XL)")
     g.add_argument("--encoder-depth", type=int, help="block whose output is aligned in full training, "
-                   f">= --l2r-depth (default per model: {t['encoder_depth']} T, 4 S/B, 8 L, 14 XL)")
+                   f">= --l2r-depth (default per model: {t['encoder_depth']} D, 3 T, 4 S/B, 8 L, 14 XL)")
     g.add_argument("--warmup-steps", type=int, help=f"ERW phase-1 steps (default {d['warmup_steps']} on digits; "
                    "ignored for repa/vanilla)")
     g.add_argument("--steps", type=int, help=f"full-training (phase-2) steps (default {d['steps']} on digits)")
@@ -50,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="λ(k) over phase-2 steps k: halflife λ0·2^(-k/h) (ERW default), exp λ0·exp(-k/τ), "
                    "constant (REPA default)")
     g.add_argument("--lambda0", type=float, help=f"alignment weight λ0 at the start of full training "
-                   f"(default per model: {t['lambda0']} T/S/B, 3 L, 6 XL)")
+                   f"(default per model: {t['lambda0']} D/T/S/B, 3 L, 6 XL)")
     g.add_argument("--half-life", type=float, help=f"λ half-life in phase-2 steps (default {d['half_life']} on "
-                   "digits, scaled to the run; 50000 in the ImageNet recipe)")
+                   "digits; 50000 in the ImageNet recipe)")
     g.add_argument("--tau", type=float, help="time constant of the exp schedule (default half-life / ln 2)")
     g.add_argument("--align-loss", default="cosine", choices=("cosine", "ntxent"),
                    help="alignment loss: negative cosine per token (default) or NT-Xent with in-batch negatives")
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help=f"AdamW learning rate, constant (default {d['lr']} on digits, 1e-4 ImageNet)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default 1.0)")
     g.add_argument("--ema-decay", type=float, help=f"EMA decay per step (default {d['ema_decay']} on digits, "
-                   "scaled to the run; 0.9999 ImageNet)")
+                   "0.9999 ImageNet)")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto = bf16 autocast on CUDA (normalisations in fp32), fp32 on CPU")
     g.add_argument("--seed", type=int, default=0, help="seed of init, data order and every per-sample draw (default 0)")
@@ -154,10 +156,7 @@ def main(argv=None) -> int:
         print("aborted (no checkpoint written for the current step)", file=sys.stderr)
         return 130
     finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
     return 0 if result.status in ("finished", "interrupted", "stopped") else 1
 
 

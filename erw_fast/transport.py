@@ -27,11 +27,6 @@ def velocity_target(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return noise - x
 
 
-def sample_time(batch: int, generator=None, device=None) -> torch.Tensor:
-    """t ~ U[0, 1], shape (batch,)."""
-    return torch.rand(batch, generator=generator, device=device)
-
-
 def velocity_loss(pred: torch.Tensor, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Velocity MSE, mean over all dimensions and samples, computed in fp32."""
     target = velocity_target(x, noise)

@@ -1,9 +1,14 @@
-"""Training engine: the loop, optimizer and EMA, checkpoints, DDP, logging.
+"""Training engine: ``train(TrainConfig(...))`` runs ERW (warmup → transfer → full training), REPA or
+vanilla SiT; ``Trainer.train_step`` is the one training step.
 
-``train(TrainConfig(...))`` runs ERW (warmup → transfer → full training), REPA or vanilla SiT.
+config.py (settings + defaults) · run.py (a whole run) · phase.py (one phase's loop) · trainer.py
+(Trainer, the step) · batches.py (what a step reads) · checkpoint.py · ema.py · logging.py ·
+prefetch.py · samples.py (the run's sample grid) · signals.py · errors.py
 """
 from .config import DATA_DEFAULTS, MODEL_DEFAULTS, TrainConfig, resolve_config
-from .loop import NonFiniteLossError, RunFolderError, TrainResult, train
+from .errors import NonFiniteLossError, RunFolderError
+from .run import TrainResult, train
+from .trainer import StepOutput, Trainer
 
-__all__ = ["DATA_DEFAULTS", "MODEL_DEFAULTS", "NonFiniteLossError", "RunFolderError", "TrainConfig",
-           "TrainResult", "resolve_config", "train"]
+__all__ = ["DATA_DEFAULTS", "MODEL_DEFAULTS", "NonFiniteLossError", "RunFolderError", "StepOutput", "TrainConfig",
+           "TrainResult", "Trainer", "resolve_config", "train"]

@@ -1,7 +1,7 @@
 """The training configuration (one dataclass) and the per-model / per-dataset defaults.
 
-Fields left at ``None`` are filled by ``resolve_config`` from ``MODEL_DEFAULTS`` (the method's
-depths and λ0, per model size) and ``DATA_DEFAULTS`` (run length, batch, lr, EMA, half-life,
+Fields left at ``None`` are filled by ``resolve_config`` from the method's per-size defaults
+(``erw_fast.method.recipes.MODEL_DEFAULTS``: warmup region, alignment block, λ0) and ``DATA_DEFAULTS`` (run length, batch, lr, EMA, half-life,
 sampling, per dataset). The digits defaults are chosen for a run of a few minutes on 2 CPU cores,
 not copied from the 400K-step ImageNet recipe.
 """
@@ -11,27 +11,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
-from ..erw import ALIGN_KINDS, SCHEDULE_KINDS, get_method
+from ..method.alignment import ALIGN_KINDS
+from ..method.recipes import MODEL_DEFAULTS, get_method, model_defaults  # noqa: F401  (re-exported)
+from ..method.schedules import SCHEDULE_KINDS
 
-# Per model size: ERW's warmup region (l2r depth), the alignment block, λ0.
-# XL/L/B follow the ERW/REPA releases (XL: L=4, alignment at block 14, λ0 6; L: 8, 3; B/S: 4, 1).
-MODEL_DEFAULTS = {
-    "D": dict(l2r_depth=2, encoder_depth=2, lambda0=1.0),
-    "T": dict(l2r_depth=2, encoder_depth=3, lambda0=1.0),
-    "S": dict(l2r_depth=4, encoder_depth=4, lambda0=1.0),
-    "B": dict(l2r_depth=4, encoder_depth=4, lambda0=1.0),
-    "L": dict(l2r_depth=4, encoder_depth=8, lambda0=3.0),
-    "XL": dict(l2r_depth=4, encoder_depth=14, lambda0=6.0),
-}
-
-# Per dataset: run length and optimisation. ``half_life``/``ema_decay`` are scaled to the length.
+# Per dataset: run length and optimisation (the digits values are chosen for a few CPU minutes).
 DATA_DEFAULTS = {
     "digits": dict(
         model="SiT-D/2", warmup_steps=200, steps=700, batch_size=64, lr=1e-3, ema_decay=0.99,
         half_life=400, projector_dim=256, sample_every=0, ckpt_every=0, sample_steps=30,
         sampler="sde", cfg_scale=2.0, guidance_high=1.0, samples_per_class=10, log_every=10,
     ),
-    # REPA/ERW ImageNet recipe, for when latent data lands (see ERW_SPEC.md)
+    # the REPA/ERW ImageNet recipe (256-px SD-VAE latents)
     "latents": dict(
         model="SiT-XL/2", warmup_steps=100_000, steps=400_000, batch_size=256, lr=1e-4, ema_decay=0.9999,
         half_life=50_000, projector_dim=2048, sample_every=10_000, ckpt_every=50_000, sample_steps=250,
@@ -131,8 +122,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     from ..models.sit import SIZES
 
     depth = SIZES[size]["depth"]
-    fallback = dict(l2r_depth=max(1, min(4, depth // 3)), encoder_depth=max(1, depth // 2), lambda0=1.0)
-    for k, v in MODEL_DEFAULTS.get(size, fallback).items():
+    for k, v in model_defaults(size, depth).items():
         if getattr(c, k) is None:
             setattr(c, k, v)
     if c.data != "digits" and c.encoder == "digits-cnn":

@@ -1,60 +1,63 @@
-"""A tiny dependency-free progress bar (tqdm is used when installed, but is not a dependency)."""
+"""Progress output, one mechanism for every long loop: tqdm (a core dependency).
+
+- ``progress(iterable, total, desc, unit, disable)``: a tqdm bar for loops (sampling, feature
+  extraction, preprocessing, evaluation).
+- ``RunProgress``: a training run's terminal output — one bar per phase with the loss terms as
+  postfix, and messages (start line, transfer, summary) printed above the bar.
+
+On a terminal the bar redraws in place; elsewhere (a log file, CI) tqdm prints a line at most every
+``NON_TTY_INTERVAL`` seconds, and always the last one.
+"""
 from __future__ import annotations
 
 import sys
-import time
-from typing import Iterable, Optional
+from typing import Dict, Optional
+
+from tqdm import tqdm
+
+NON_TTY_INTERVAL = 10.0
 
 
-class Progress:
-    """Wrap an iterable; ``update(n)`` advances by n units (default: one per item)."""
+def _interval(stream) -> float:
+    return 0.1 if getattr(stream, "isatty", lambda: False)() else NON_TTY_INTERVAL
 
-    def __init__(self, iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",
-                 unit: str = "it", stream=None, disable: bool = False, min_interval: float = 0.5):
-        self.iterable, self.desc, self.unit = iterable, desc, unit
-        self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+
+def progress(iterable=None, total=None, desc: str = "", unit: str = "it", disable: bool = False, stream=None):
+    stream = stream or sys.stderr
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, file=stream,
+                mininterval=_interval(stream), dynamic_ncols=True)
+
+
+class RunProgress:
+    """``update(phase, step, total, fields, final)`` moves the phase's bar to ``step``;
+    ``message(text)`` prints a line (``enabled`` turns both off; ``bar=False`` only the bar)."""
+
+    def __init__(self, enabled: bool = True, stream=None, bar: bool = True):
+        self.enabled = enabled
+        self.bar = bar and enabled
         self.stream = stream or sys.stderr
-        self.disable, self.min_interval = disable, min_interval
-        self.n, self.t0, self._last = 0, time.time(), 0.0
+        self._bar: Optional[tqdm] = None
+        self._phase: Optional[str] = None
 
-    def _render(self, final: bool = False):
-        if self.disable:
+    def update(self, phase: str, step: int, total: int, fields: Dict[str, float], final: bool = False):
+        if not self.bar:
             return
-        now = time.time()
-        if not final and now - self._last < self.min_interval:
-            return
-        self._last = now
-        el = now - self.t0
-        rate = self.n / el if el > 0 else 0.0
-        if self.total:
-            frac = min(self.n / self.total, 1.0)
-            bar = "#" * int(frac * 24)
-            eta = (self.total - self.n) / rate if rate > 0 else float("nan")
-            msg = f"\r{self.desc} |{bar:<24}| {self.n}/{self.total} {self.unit} [{el:.0f}s<{eta:.0f}s, {rate:.2f} {self.unit}/s]"
-        else:
-            msg = f"\r{self.desc} {self.n} {self.unit} [{el:.0f}s, {rate:.2f} {self.unit}/s]"
-        self.stream.write(msg + ("\n" if final else ""))
-        self.stream.flush()
+        if self._phase != phase:
+            self.close()
+            self._bar = progress(total=total, desc=phase, unit="step", stream=self.stream)
+            self._phase = phase
+        self._bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in fields.items()},
+                              refresh=False)
+        self._bar.update(step - self._bar.n)
+        if final:
+            self.close()
 
-    def update(self, n: int = 1):
-        self.n += n
-        self._render()
+    def message(self, text: str):
+        if self.enabled:
+            tqdm.write(text, file=self.stream)
 
     def close(self):
-        self._render(final=True)
-
-    def __iter__(self):
-        for item in self.iterable:
-            yield item
-            self.update(1)
-        self.close()
-
-
-def progress(iterable=None, total=None, desc="", unit="it", disable=False):
-    """tqdm when installed, else :class:`Progress`."""
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable)
-    except ImportError:
-        return Progress(iterable, total=total, desc=desc, unit=unit, disable=disable)
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+            self._phase = None

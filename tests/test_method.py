@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erw_fast.erw import (AlignmentSchedule, METHODS, alignment_from_hidden, alignment_loss, fused_loss_available,
+from erw_fast.erw import (AlignmentSchedule, METHODS, alignment_from_hidden, alignment_loss,
                           get_method, transfer_keys, transfer_warmup)
 from erw_fast.models import build_model
 from erw_fast.transport import interpolate, velocity_loss, velocity_target
@@ -96,7 +96,6 @@ def test_alignment_bad_inputs():
         alignment_loss(torch.randn(1, 4, 3), torch.randn(1, 9, 3))
 
 
-@pytest.mark.skipif(not fused_loss_available(), reason="erw_fast.ops.projection_cosine_loss not present")
 def test_fused_alignment_equals_unfused():
     model = tiny()
     torch.manual_seed(1)

@@ -1,0 +1,71 @@
+"""What a run reports: ``metrics.jsonl`` (one JSON object per line, TensorBoard mirror when the
+package is installed), human-readable durations and FLOP counts, and the closing summary."""
+from __future__ import annotations
+
+import json
+import os
+
+
+class MetricsLog:
+    """Appends JSON lines to ``metrics.jsonl``; mirrors scalars to TensorBoard when installed."""
+
+    def __init__(self, out: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(out, "metrics.jsonl")
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+                self.tb = SummaryWriter(os.path.join(out, "tb"))
+            except Exception:
+                self.tb = None
+
+    def write(self, record: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
+                    self.tb.add_scalar(f"{record.get('phase', 'run')}/{k}", v, record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def fmt_seconds(s: float) -> str:
+    return f"{s:.1f}s" if s < 120 else f"{s / 60:.1f}min"
+
+
+def human_flops(f: float) -> str:
+    for unit, div in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if f >= div:
+            return f"{f / div:.2f} {unit}"
+    return f"{f:.0f} FLOP"
+
+
+def summary_lines(cfg, result, state) -> str:
+    """The closing summary of a finished run."""
+    s = result.summary
+    wc = state.warmup_cost or {}
+    lines = [f"done: {cfg.method} {cfg.model} on {cfg.data}, {result.steps} steps in "
+             f"{fmt_seconds(s.get('total_seconds', 0))}"]
+    if wc:
+        lines.append(f"  warmup : {wc.get('steps')} steps, {fmt_seconds(wc.get('seconds', 0))}, "
+                     f"{human_flops(wc.get('flops_total') or 0)}")
+        if state.transfer:
+            lines.append(f"  transfer: {state.transfer['num_keys']} tensors from step {state.transfer['from_step']}")
+    last = s.get("last") or {}
+    nan = float("nan")
+    lines.append(f"  train  : {cfg.steps} steps, {fmt_seconds(s.get('train_seconds', 0))}, "
+                 f"{human_flops((s.get('train_flops_per_step') or 0) * cfg.steps)}; final loss "
+                 f"{last.get('loss', nan):.4f} (velocity {last.get('loss_velocity', nan):.4f}, "
+                 f"align {last.get('loss_align', nan):.4f})")
+    if "sample_accuracy" in s:
+        lines.append(f"  samples: {s['sample_accuracy'] * 100:.0f}% read as the requested digit by the digits "
+                     "classifier")
+    lines.append(f"  outputs: {result.checkpoint}, {result.samples_png}, {os.path.join(cfg.out, 'metrics.jsonl')}")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""``run_phase``: one phase of a run (ERW's warmup, or full training) from its current step to its
+end — the step loop around ``Trainer.train_step`` with logging, checkpoints, stop signals, the NaN
+stop and sample grids. Host-device syncs happen only at log / checkpoint / stop points."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..method.objective import Objective
+from ..method.recipes import PHASE_WARMUP
+from ..utils.distributed import any_rank, barrier, max_over_ranks
+from .batches import BatchSource
+from .checkpoint import FORMAT, checkpoint_path, save_atomic
+from .errors import NonFiniteLossError
+from .logging import fmt_seconds, human_flops
+from .samples import sample_and_save
+from .trainer import Trainer
+
+
+def build_trainer(run, phase: str, model, ckpt):
+    """(Trainer, BatchSource, FLOPs of one step) for ``phase``, restored from ``ckpt`` when given."""
+    cfg, d = run.cfg, run.dist
+    warm = phase == PHASE_WARMUP
+    offset = 0 if warm else cfg.warmup_steps
+    n_steps = cfg.warmup_steps if warm else cfg.steps
+    k = run.state.phase_step
+    objective = Objective(model, cfg.l2r_depth if warm else None, run.method.align, run.schedule,
+                          cfg.align_loss, cfg.temperature, run.fused_align)
+    trainer = Trainer(model, objective, run.encoders, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
+                      amp=run.amp, device=d.device, first_step=offset + k)
+    trainer.inject_nan_at = cfg.debug_nan_at_step
+    if ckpt is not None:
+        trainer.load_state(ckpt)
+        if "rng" in ckpt and "torch" in ckpt["rng"]:
+            torch.set_rng_state(ckpt["rng"]["torch"])
+    batches = BatchSource(run.data, run.encoders, objective, run.indexer, cfg.seed, cfg.class_dropout, offset,
+                          d.device, prefetch=cfg.prefetch)
+    k0 = k if k < n_steps else 0
+    try:  # FLOPs of one step (forward + backward + target encoder), eager, before DDP
+        flops = trainer.count_step_flops(batches.get(k0), k0) * d.world
+    except Exception:  # pragma: no cover - flop counting is best effort
+        flops = None
+    trainer.wrap(compile=cfg.compile, world=d.world)
+    return trainer, batches, flops
+
+
+def _save(run, trainer: Trainer, phase: str, step: int, k: int, seconds: float):
+    if run.dist.main:
+        args = run.cfg.to_dict()
+        args["model_config"] = trainer.model.config()
+        args["num_classes"] = run.data.num_classes
+        path = checkpoint_path(run.cfg.out, step)
+        st = run.state
+        save_atomic({**trainer.state(), "args": args, "steps": step, "phase": phase, "phase_step": k,
+                     "transfer": st.transfer, "warmup_cost": st.warmup_cost, "phase_seconds": seconds,
+                     "rng": {"torch": torch.get_rng_state()}, "format": FORMAT}, path)
+        run.log.write({"event": "checkpoint", "path": path, "steps": step, "phase": phase})
+        run.result.checkpoint = path
+    barrier(run.dist.world)
+
+
+def _check_finite(run, trainer: Trainer, phase: str):
+    d = run.dist
+    bad = max_over_ranks(int(trainer.bad_step.item()), d.world, d.device)
+    if bad >= 0:
+        msg = (f"non-finite loss (NaN/inf) at step {bad} ({phase}); stopping. The last good checkpoint "
+               f"is {run.result.checkpoint or 'none (no checkpoint was written yet)'}; lower --lr or check "
+               "the data")
+        run.log.write({"event": "nonfinite", "step": bad, "phase": phase})
+        run.bar.message(msg)
+        raise NonFiniteLossError(msg)
+
+
+def _log(run, phase: str, out, step: int, k: int, n_steps: int, window: dict, elapsed: float) -> dict:
+    lv, av, vv = out.loss.item(), out.align.item(), out.vel.item()
+    dt = max(time.time() - window["t0"], 1e-9)
+    rate = window["imgs"] / dt
+    rec = dict(phase=phase, step=step, phase_step=k, loss=lv, loss_align=av, loss_velocity=vv,
+               **{"lambda": out.lam}, grad_norm=float(out.grad_norm), img_per_s=rate, lr=run.cfg.lr, time=elapsed)
+    run.log.write(rec)
+    warm = phase == PHASE_WARMUP
+    fields = {"loss": lv}
+    if run.method.align or warm:
+        fields["align"] = av
+    if not warm:
+        fields["vel"] = vv
+        if run.method.align:
+            fields["λ"] = out.lam
+    fields["img/s"] = round(rate, 1)
+    run.bar.update(phase, k, n_steps, fields, final=k == n_steps)
+    window.update(t0=time.time(), imgs=0)
+    return rec
+
+
+def _stop_requested(run, step: int, sync_point: bool) -> bool:
+    """A stop signal (agreed by every rank, at sync points only when there are several) or --stop-after."""
+    cfg, d = run.cfg, run.dist
+    signalled = run.signals.signum is not None
+    if d.world > 1:
+        signalled = any_rank(signalled, d.world, d.device) if sync_point else False
+    return signalled or (cfg.stop_after is not None and step >= cfg.stop_after)
+
+
+def run_phase(run, phase: str, model, ckpt) -> str:
+    """Run ``phase`` from ``run.state.phase_step``; returns finished | interrupted | stopped."""
+    cfg, st = run.cfg, run.state
+    warm = phase == PHASE_WARMUP
+    n_steps = cfg.warmup_steps if warm else cfg.steps
+    offset = 0 if warm else cfg.warmup_steps
+    trainer, batches, flops = build_trainer(run, phase, model, ckpt)
+    k, t_start = st.phase_step, time.time()
+    seconds = lambda: st.phase_seconds + (time.time() - t_start)  # noqa: E731
+    window, last, status = dict(t0=time.time(), imgs=0), {}, "finished"
+    while k < n_steps:
+        out = trainer.train_step(batches.get(k), k, global_step=offset + k)
+        k += 1
+        step = offset + k
+        window["imgs"] += cfg.batch_size
+        do_log = k % cfg.log_every == 0 or k == n_steps
+        do_ckpt = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or (warm and k == n_steps) or step in cfg.ckpt_at
+        stop_now = _stop_requested(run, step, do_log or do_ckpt)
+        if do_log or do_ckpt or stop_now:
+            _check_finite(run, trainer, phase)
+        if do_log:
+            last = _log(run, phase, out, step, k, n_steps, window, seconds())
+        if cfg.sample_every and not warm and step % cfg.sample_every == 0 and k < n_steps:
+            sample_and_save(cfg, trainer.ema_model, run.data, run.dist.device, step, run.amp, run.dist.main,
+                            run.log, run.result, run.dist.world)
+        if do_ckpt:
+            _save(run, trainer, phase, step, k, seconds())
+        if stop_now:
+            status = _stop(run, trainer, phase, step, k, seconds(), saved=bool(do_ckpt))
+            break
+    batches.close()
+    run.result.steps = offset + k
+    _end_phase(run, trainer, phase, status, k, seconds(), flops, last)
+    return status
+
+
+def _stop(run, trainer, phase, step, k, seconds, saved: bool) -> str:
+    cfg, signum = run.cfg, run.signals.signum
+    why = f"signal {signum}" if signum is not None else f"--stop-after {cfg.stop_after}"
+    if not saved:
+        _save(run, trainer, phase, step, k, seconds)
+    run.bar.message(f"stopped at step {step} ({why}); checkpoint {run.result.checkpoint}. "
+                    f"Continue with --resume --out {cfg.out}")
+    return "interrupted" if signum is not None else "stopped"
+
+
+def _end_phase(run, trainer, phase, status, k, seconds, flops, last):
+    cfg, st = run.cfg, run.state
+    if status != "finished":
+        return
+    if phase == PHASE_WARMUP:
+        W = cfg.warmup_steps
+        st.warmup_cost = dict(steps=W, seconds=seconds, flops_per_step=flops, flops_total=(flops or 0) * W,
+                              trained_params=sum(p.numel() for p in trainer.params), batch_size=cfg.batch_size)
+        run.log.write({"event": "warmup_cost", **st.warmup_cost})
+        run.bar.message(f"warmup: {W} steps in {fmt_seconds(seconds)}, {human_flops((flops or 0) * W)} "
+                        f"({human_flops(flops or 0)}/step)")
+        return
+    step = cfg.warmup_steps + k
+    if not ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step in cfg.ckpt_at):
+        _save(run, trainer, phase, step, k, seconds)
+    sample_and_save(cfg, trainer.ema_model, run.data, run.dist.device, step, run.amp, run.dist.main, run.log,
+                    run.result, run.dist.world)
+    run.result.summary.update(train_seconds=seconds, train_flops_per_step=flops, last=last,
+                              warmup_cost=st.warmup_cost, transfer_keys=(st.transfer or {}).get("num_keys"))

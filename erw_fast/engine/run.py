@@ -1,0 +1,248 @@
+"""``train(TrainConfig) -> TrainResult``: a whole run — check everything, make the run folder, run
+the method's phases (ERW: warmup → transfer → full training; REPA / vanilla: full training only),
+checkpoint, sample, summarise. One process or many (torchrun: DDP, NCCL on GPU, gloo on CPU).
+
+Every random draw that shapes a step is a function of (seed, step, global sample index)
+(``erw_fast.utils.seeding``), so a run is reproducible whatever the number of processes, and a
+resumed run repeats the losses of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+
+from ..method.recipes import PHASE_TRAIN, PHASE_WARMUP, MethodSpec, get_method
+from ..method.schedules import AlignmentSchedule
+from ..method.transfer import transfer_warmup
+from ..models.sit import SiT, build_model
+from ..utils.distributed import Dist, barrier, setup_distributed
+from ..utils.progress import RunProgress
+from ..utils.seeding import STREAM_INIT, BatchIndexer, mix_seed
+from .checkpoint import find_resume_checkpoint, folder_holds_run, read_training_checkpoint, resume_config
+from .config import TrainConfig, resolve_config
+from .errors import NonFiniteLossError, RunFolderError  # noqa: F401  (re-exported)
+from .logging import MetricsLog, summary_lines
+from .phase import run_phase
+from .signals import StopSignals
+
+
+@dataclass
+class TrainResult:
+    out: str
+    status: str                       # finished | interrupted | stopped
+    steps: int                        # total steps done (warmup + full)
+    checkpoint: Optional[str] = None
+    samples_png: Optional[str] = None
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """Where a run is; saved in every checkpoint, restored on resume."""
+    phase: str
+    phase_step: int = 0
+    transfer: Optional[dict] = None
+    warmup_cost: Optional[dict] = None
+    phase_seconds: float = 0.0
+
+
+@dataclass
+class Run:
+    """What every phase of one run shares (built once by ``train``)."""
+    cfg: TrainConfig
+    method: MethodSpec
+    dist: Dist
+    data: object
+    encoders: List
+    fused_align: object
+    amp: bool
+    log: MetricsLog
+    bar: RunProgress
+    signals: StopSignals
+    indexer: BatchIndexer
+    schedule: AlignmentSchedule
+    state: RunState
+    result: TrainResult
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks (also used by the convergence study's FLOP count and the benchmarks)
+# --------------------------------------------------------------------------------------------
+def load_encoders(cfg: TrainConfig, data, device) -> List:
+    """The target encoders a method needs (none for vanilla), checked against the token grid."""
+    if not get_method(cfg.method).needs_encoder:
+        return []
+    from ..encoders import build_encoder, check_token_grid
+
+    patch = int(cfg.model.rsplit("/", 1)[1])
+    if cfg.features == "precomputed":
+        from ..data.features import precomputed_encoders
+
+        encoders = precomputed_encoders(cfg.data, cfg.encoder, expected_count=data.num_samples)
+    else:
+        # DINOv2 resizes its input so that its patch grid equals the SiT token grid
+        enc_kw = dict(input_size=data.input_size, token_grid=data.input_size // patch, patch_size=patch)
+        if cfg.encoder_source != "auto":
+            enc_kw["source"] = cfg.encoder_source
+        names = [n.strip() for n in cfg.encoder.split(",") if n.strip()]
+        paths = [q.strip() for q in cfg.encoder_path.split(",")] if cfg.encoder_path else []
+        if paths and len(paths) != len(names):
+            raise ValueError(f"--encoder-path lists {len(paths)} path(s) for {len(names)} encoder(s) "
+                             f"({cfg.encoder}); give one per encoder, comma-separated")
+        encoders = [build_encoder(n, device=device, **enc_kw, **({"path": paths[i]} if paths and paths[i] else {}))
+                    for i, n in enumerate(names)]
+    check_token_grid(encoders, (data.input_size // patch) ** 2, f"model {cfg.model}")
+    return encoders
+
+
+def build_net(cfg: TrainConfig, data, z_dims: List[int], warm: bool) -> SiT:
+    """The full SiT, or ERW's warmup model (blocks 0..L-1 only), seeded per phase."""
+    kw = dict(input_size=data.input_size, in_channels=data.channels, num_classes=data.num_classes,
+              class_dropout_prob=cfg.class_dropout, encoder_depth=cfg.encoder_depth, z_dims=list(z_dims),
+              projector_dim=cfg.projector_dim, use_rope=cfg.rope, qk_norm=cfg.qk_norm,
+              attn_backend=cfg.attn_backend, fused=cfg.fused)
+    if warm:
+        kw.update(depth=cfg.l2r_depth, encoder_depth=cfg.l2r_depth)
+    torch.manual_seed(mix_seed(cfg.seed, STREAM_INIT, int(warm)))
+    model = build_model(cfg.model, **kw)
+    if warm:  # the warmup model has no use for its final layer: keep it out of the optimizer/DDP
+        model.final_layer.requires_grad_(False)
+    return model
+
+
+def uses_bf16(cfg: TrainConfig, device) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.device(device).type == "cuda")
+
+
+def fused_setting(cfg: TrainConfig, device):
+    from .. import ops
+
+    return ops.resolve_fused(cfg.fused, torch.device(device))
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+def train(config: TrainConfig) -> TrainResult:
+    """Run (or resume) a training run described by ``config``; see ``TrainConfig``."""
+    threads_before = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        return _train(config)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _open_run(config: TrainConfig, world: int):
+    """(resolved config, checkpoint or None, its path): resume or a fresh folder, checked."""
+    if config.resume:
+        path = find_resume_checkpoint(config)
+        ckpt = read_training_checkpoint(path)
+        return resolve_config(resume_config(config, ckpt["args"])), ckpt, path
+    cfg = resolve_config(config)
+    if folder_holds_run(cfg.out):
+        raise RunFolderError(f"output folder {cfg.out!r} already holds a run; pass --resume to continue it or "
+                             "choose another --out")
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+    return cfg, None, None
+
+
+def _make_folder(cfg: TrainConfig, d: Dist):
+    barrier(d.world)  # every rank has checked the folder before rank 0 writes into it
+    if d.main:
+        os.makedirs(os.path.join(cfg.out, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
+        with open(os.path.join(cfg.out, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
+    barrier(d.world)
+
+
+def _banner(run: Run) -> str:
+    cfg, method, amp = run.cfg, run.method, run.amp
+    sched = "none"
+    if method.align:
+        sched = f"{cfg.lambda_schedule} λ0={cfg.lambda0}"
+        if cfg.lambda_schedule == "halflife":
+            sched += f" half-life {cfg.half_life:g}"
+    warm = f"warmup {cfg.warmup_steps} (L={cfg.l2r_depth}) + " if method.warmup else ""
+    return (f"erw_fast.train: {cfg.method} | {cfg.model} on {cfg.data} | encoder "
+            f"{cfg.encoder if method.needs_encoder else '-'} | {warm}{cfg.steps} steps | batch {cfg.batch_size} "
+            f"x {run.dist.world} proc | lr {cfg.lr:g} | λ {sched} @ block {cfg.encoder_depth} | EMA {cfg.ema_decay} "
+            f"| rope {cfg.rope} qk-norm {cfg.qk_norm} | {run.dist.device.type} {'bf16' if amp else 'fp32'}"
+            f"{' compiled' if cfg.compile else ''} | out {cfg.out}")
+
+
+def _train(config: TrainConfig) -> TrainResult:
+    d = setup_distributed(config.device)
+    cfg, ckpt, ckpt_path = _open_run(config, d.world)
+    method = get_method(cfg.method)
+    from ..data import load_train_data
+
+    # everything that can be checked is checked before anything is written
+    data = load_train_data(cfg.data, d.device)
+    encoders = load_encoders(cfg, data, d.device)
+    _make_folder(cfg, d)
+    if d.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    log = MetricsLog(cfg.out, enabled=d.main)
+    bar = RunProgress(enabled=d.main, bar=cfg.progress)
+    first = PHASE_WARMUP if (method.warmup and cfg.warmup_steps > 0) else PHASE_TRAIN
+    state = RunState(first)
+    if ckpt is not None:
+        state = RunState(ckpt["phase"], int(ckpt["phase_step"]), ckpt.get("transfer"), ckpt.get("warmup_cost"),
+                         float(ckpt.get("phase_seconds", 0.0)))
+        bar.message(f"resuming {cfg.out} from {ckpt_path}: {state.phase} step {state.phase_step}")
+        log.write({"event": "resume", "from": ckpt_path, "steps": int(ckpt["steps"])})
+    run = Run(cfg, method, d, data, encoders, fused_setting(cfg, d.device), uses_bf16(cfg, d.device), log, bar,
+              StopSignals(notify=bar.message), BatchIndexer(data.num_samples, cfg.batch_size, cfg.seed, d.rank, d.world),
+              AlignmentSchedule(cfg.lambda_schedule, cfg.lambda0, cfg.half_life, cfg.tau), state,
+              TrainResult(out=cfg.out, status="finished", steps=0))
+    bar.message(_banner(run))
+    t0 = time.time()
+    try:
+        with run.signals:
+            status = _run_phases(run, ckpt)
+        run.result.status = status
+        if status == "finished" and d.main:
+            run.result.summary["total_seconds"] = time.time() - t0
+            bar.message(summary_lines(cfg, run.result, state))
+        return run.result
+    finally:
+        bar.close()
+        log.close()
+
+
+def _run_phases(run: Run, ckpt: Optional[dict]) -> str:
+    cfg, state = run.cfg, run.state
+    z_dims = [e.dim for e in run.encoders]
+    warm_model = None
+    if state.phase == PHASE_WARMUP:
+        warm_model = build_net(cfg, run.data, z_dims, warm=True)
+        status = run_phase(run, PHASE_WARMUP, warm_model, ckpt)
+        ckpt = None
+        if status != "finished":
+            return status
+        state.phase, state.phase_step, state.phase_seconds = PHASE_TRAIN, 0, 0.0
+    model = build_net(cfg, run.data, z_dims, warm=False)
+    if ckpt is None and warm_model is not None:
+        _transfer(run, warm_model, model)
+        del warm_model
+    return run_phase(run, PHASE_TRAIN, model, ckpt)
+
+
+def _transfer(run: Run, warm_model: SiT, model: SiT):
+    cfg = run.cfg
+    keys = transfer_warmup(warm_model.state_dict(), model)
+    run.state.transfer = dict(from_step=cfg.warmup_steps, num_keys=len(keys), keys=keys, l2r_depth=cfg.l2r_depth,
+                              warm_model_config=warm_model.config(), full_model_config=model.config())
+    run.log.write({"event": "transfer", **run.state.transfer})
+    run.bar.message(f"transfer: copied {len(keys)} tensors (embedders, pos_embed, blocks 0..{cfg.l2r_depth - 1}, "
+                    f"projectors) from warmup step {cfg.warmup_steps}; fresh optimizer, EMA reset")

@@ -1,0 +1,137 @@
+"""``Trainer``: one phase's model, EMA, optimizer and objective, built once; ``train_step(batch)``
+is the one training step (the CLI loop, the benchmarks, the GPU check and the tests all run it).
+
+A step creates no device tensor from host values and reads nothing back from the device: the loss
+terms and gradient norm stay on the device (read at log steps), and a non-finite loss is recorded
+on the device with the step it happened at (checked at log/checkpoint steps).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from ..method.objective import Objective
+from .batches import Batch
+from .ema import EMA
+
+
+def make_optimizer(model: nn.Module, lr: float, device) -> torch.optim.Optimizer:
+    """AdamW (β 0.9/0.999, no weight decay, as REPA/ERW): fused on CUDA, foreach on CPU."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    if torch.device(device).type == "cuda":
+        kw["fused"] = True
+    else:
+        kw["foreach"] = True
+    return torch.optim.AdamW(params, **kw)
+
+
+def count_flops(fn) -> float:
+    """FLOPs of one call of ``fn`` (forward + backward) with torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+@dataclass
+class StepOutput:
+    """One step's loss terms (device tensors, detached but for ``loss``) and λ (a host float)."""
+    loss: torch.Tensor
+    align: torch.Tensor
+    vel: torch.Tensor
+    grad_norm: torch.Tensor
+    lam: float
+
+
+class Trainer:
+    """Owns ``model`` (moved to ``device``), its EMA copy, AdamW and the ``objective``'s runner."""
+
+    def __init__(self, model: nn.Module, objective: Objective, encoders: List, *, lr: float, ema_decay: float,
+                 grad_clip: float, amp: bool, device, first_step: int = 0):
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.ema_model = copy.deepcopy(self.model)
+        self.ema_model.requires_grad_(False)
+        self.ema = EMA(self.ema_model, self.model)
+        self.opt = make_optimizer(self.model, lr, self.device)
+        self.objective, self.encoders = objective, encoders
+        self.runner: nn.Module = objective
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema_decay, self.grad_clip, self.amp = ema_decay, grad_clip, amp
+        self._zero = torch.zeros((), device=self.device)
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._step = torch.full((), int(first_step), dtype=torch.long, device=self.device)
+        self.inject_nan_at: Optional[int] = None  # testing hook: a NaN loss at this (global) step
+
+    # ---------------------------------------------------------------- state
+    def load_state(self, ckpt: dict):
+        self.model.load_state_dict(ckpt["model"])
+        self.ema_model.load_state_dict(ckpt["ema"])
+        self.opt.load_state_dict(ckpt["opt"])
+
+    def state(self) -> dict:
+        """model, ema (CPU copies) and optimizer state for a checkpoint."""
+        return {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                "ema": {k: v.detach().cpu() for k, v in self.ema_model.state_dict().items()},
+                "opt": self.opt.state_dict()}
+
+    def wrap(self, compile: bool = False, world: int = 1):
+        """``--compile`` (each SiT block, fullgraph) and DDP over the objective; after counting FLOPs."""
+        if compile:
+            self.model.compile_blocks()
+        if world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.runner = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
+        return self
+
+    # ---------------------------------------------------------------- the step
+    def targets(self, batch: Batch) -> List[torch.Tensor]:
+        """Target features: the encoder on the batch's pixels, or the precomputed features."""
+        return self._encode(batch) if self.objective.needs.targets else []
+
+    @torch.no_grad()
+    def _encode(self, batch: Batch) -> List[torch.Tensor]:
+        return [f if f is not None else enc(batch.pixels) for enc, f in zip(self.encoders, batch.features)]
+
+    def loss(self, batch: Batch, k: int, runner: Optional[nn.Module] = None):
+        """(loss, align, vel, λ) of ``batch`` at phase step ``k``."""
+        targets = self.targets(batch)
+        lam = self.objective.weight(k)
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            loss, align, vel = (runner or self.runner)(batch.x, batch.noise, batch.t, batch.y, batch.drop, targets,
+                                                       lam)
+        return loss, align, vel, lam
+
+    def train_step(self, batch: Batch, k: int, global_step: Optional[int] = None) -> StepOutput:
+        """Forward, backward, clip, AdamW, EMA for phase step ``k``."""
+        loss, align, vel, lam = self.loss(batch, k)
+        if self.inject_nan_at is not None and global_step == self.inject_nan_at:
+            loss = loss * float("nan")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = (torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True) if self.grad_clip > 0
+                 else self._zero)
+        first_bad = (self.bad_step < 0) & ~torch.isfinite(loss.detach())
+        self.bad_step = torch.where(first_bad, self._step, self.bad_step)
+        self._step.add_(1)
+        self.opt.step()
+        self.ema.update(self.ema_decay)
+        return StepOutput(loss.detach(), align, vel, gnorm, lam)
+
+    def count_step_flops(self, batch: Batch, k: int) -> float:
+        """FLOPs of one step's forward + backward (target encoder included) on the eager objective."""
+        def one():
+            loss, *_ = self.loss(batch, k, runner=self.objective)
+            loss.backward()
+
+        try:
+            return count_flops(one)
+        finally:
+            for p in self.params:
+                p.grad = None
