@@ -253,7 +253,7 @@ def test_export_rejects_non_sit_checkpoint(tmp_path):
 
 
 def test_run_folder_resolves_to_latest_checkpoint(tmp_path):
-    from erw_fast.export import resolve_checkpoint
+    from erw_fast.sampling.export import resolve_checkpoint
 
     (tmp_path / "checkpoints").mkdir()
     for step in ("0000010.pt", "0000200.pt", "0000030.pt"):
@@ -265,7 +265,7 @@ def test_run_folder_resolves_to_latest_checkpoint(tmp_path):
 def test_export_without_aoti_packaging(monkeypatch, tmp_path):
     import torch._inductor as inductor
 
-    from erw_fast import export
+    from erw_fast.sampling import export
 
     monkeypatch.delattr(inductor, "aoti_compile_and_package")
     with pytest.raises(export.ExportError, match="lacks AOTInductor packaging"):

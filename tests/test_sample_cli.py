@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from erw_fast.models.sit import SiT
-from erw_fast.sample import generate, labels_for_indices, main, parse_interval
+from erw_fast.sample import main
+from erw_fast.sampling.generate import generate, labels_for_indices, parse_interval
 from erw_fast.utils.png import read_png
 
 CFG = dict(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, encoder_depth=1,

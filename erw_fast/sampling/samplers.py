@@ -16,6 +16,9 @@ REPA/ERW evaluate. ODE: the probability-flow ODE ``dx = v dt`` with Euler or Heu
 
 Model evaluations (NFE): ``steps`` for ``ode-euler`` and ``sde``, ``2 * steps`` for ``ode-heun``;
 each guided evaluation is one forward over 2B rows (conditional then unconditional half).
+
+Every sampler is a step function with one signature,
+``step(velocity, x, t_cur, t_next, last, randn) -> x``, driven over :func:`time_grid` by :func:`sample`.
 """
 from __future__ import annotations
 
@@ -24,14 +27,17 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-__all__ = ["SAMPLERS", "sample", "sample_grid", "sample_noise", "index_generator", "time_grid"]
+from ..utils.seeding import index_generator
+from .guidance import ClassifierFreeGuidance, check_guidance, guidance_active, resolve_null_class
 
-SAMPLERS = ("ode-euler", "ode-heun", "sde")
+__all__ = ["SAMPLERS", "sample", "sample_grid", "sample_noise", "time_grid", "ode_euler_step", "ode_heun_step",
+           "sde_step"]
+
 SDE_T_END = 0.04  # last stochastic time; one deterministic step to 0 follows
 
 
 # --------------------------------------------------------------------------------------------
-# Small helpers
+# Time grid and noise
 # --------------------------------------------------------------------------------------------
 def time_grid(sampler: str, steps: int) -> torch.Tensor:
     """The float64 time points a sampler visits (from 1 down to 0)."""
@@ -39,16 +45,6 @@ def time_grid(sampler: str, steps: int) -> torch.Tensor:
         return torch.cat([torch.linspace(1.0, SDE_T_END, steps, dtype=torch.float64),
                           torch.zeros(1, dtype=torch.float64)])
     return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-
-
-def index_generator(seed: int, index: int, device="cpu") -> torch.Generator:
-    """A generator for sample ``index`` of a run with ``seed``: independent of batch and world size."""
-    # mix (seed, index) into one 63-bit seed (splitmix64-style) so nearby pairs do not collide
-    z = (int(seed) * 0x9E3779B97F4A7C15 + int(index) + 1) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    z ^= z >> 31
-    return torch.Generator(device=device).manual_seed(z & 0x7FFFFFFFFFFFFFFF)
 
 
 def _randn(shape, generator, device, dtype) -> torch.Tensor:
@@ -79,6 +75,44 @@ def sample_noise(indices: Sequence[int], shape: Sequence[int], seed: int, device
     return noise.to(device=device, dtype=dtype), gens
 
 
+# --------------------------------------------------------------------------------------------
+# One step of each sampler: step(velocity, x, t_cur, t_next, last, randn) -> x at t_next
+# (``velocity(x, t)``; ``last``: the step to t = 0; ``randn(shape)``: the sampler's noise)
+# --------------------------------------------------------------------------------------------
+def ode_euler_step(velocity, x, t_cur, t_next, last, randn):
+    dt = t_next - t_cur  # negative
+    v = velocity(x, t_cur)
+    return x + dt * v
+
+
+def ode_heun_step(velocity, x, t_cur, t_next, last, randn):
+    dt = t_next - t_cur
+    v = velocity(x, t_cur)
+    x_pred = x + dt * v
+    v_next = velocity(x_pred, t_next)
+    return x + dt * 0.5 * (v + v_next)
+
+
+def sde_step(velocity, x, t_cur, t_next, last, randn):
+    """Euler–Maruyama: drift v - t * score = x + (2 - t) v, diffusion g^2 = 2t; the last step
+    (to t = 0) is deterministic."""
+    dt = t_next - t_cur
+    v = velocity(x, t_cur)
+    drift = x + (2.0 - t_cur) * v
+    x = x + dt * drift
+    if not last:
+        z = randn(x.shape)
+        x = x + math.sqrt(2.0 * t_cur * -dt) * z
+    return x
+
+
+_STEPS = {"ode-euler": ode_euler_step, "ode-heun": ode_heun_step, "sde": sde_step}
+SAMPLERS = tuple(_STEPS)  # ("ode-euler", "ode-heun", "sde")
+
+
+# --------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------
 def _model_dtype_device(model, like: torch.Tensor):
     params = getattr(model, "parameters", None)
     if callable(params):
@@ -90,22 +124,36 @@ def _model_dtype_device(model, like: torch.Tensor):
     return like.dtype, like.device
 
 
-def _resolve_null_class(model, null_class):
-    if null_class is not None:
-        return int(null_class)
-    for obj in (model, getattr(model, "module", None)):
-        n = getattr(obj, "num_classes", None) if obj is not None else None
-        if n is not None:
-            return int(n)
-    raise ValueError(
-        "classifier-free guidance (cfg_scale != 1) needs the null class id: pass null_class= "
-        "or give the model a num_classes attribute (null class id = num_classes)"
-    )
+def _check_inputs(sampler, steps, noise, labels) -> Tuple[int, torch.Tensor]:
+    """Validated ``(steps, labels)``; ValueError with the reason otherwise."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not torch.is_tensor(noise) or noise.dim() < 1 or not noise.is_floating_point():
+        raise ValueError("noise must be a floating-point tensor of shape (B, ...)")
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.shape[0] != noise.shape[0]:
+        raise ValueError(f"labels must have shape ({noise.shape[0]},) to match noise {tuple(noise.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
+    return int(steps), labels
 
 
-# --------------------------------------------------------------------------------------------
-# The sampler
-# --------------------------------------------------------------------------------------------
+def _model_forward(model, device, m_dtype, s_dtype):
+    """``forward(x, t, y)`` for a Python time ``t``: the model's velocity in the integration dtype."""
+    def forward(xin: torch.Tensor, t: float, yin: torch.Tensor) -> torch.Tensor:
+        tin = torch.full((xin.shape[0],), t, device=device, dtype=m_dtype)
+        out = model(xin.to(m_dtype), tin, yin)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.shape != xin.shape:
+            raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xin.shape)}")
+        return out.to(s_dtype)
+    return forward
+
+
 @torch.no_grad()
 def sample(
     model: Callable,
@@ -123,75 +171,35 @@ def sample(
 
     ``model(x, t, y)`` returns the velocity or ``(velocity, zs)``. Guidance ``cfg_scale != 1`` is
     applied at times t with ``lo <= t <= hi`` for ``guidance_interval = (lo, hi)``: one forward
-    over ``[x, x]`` with labels ``[y, null_class]`` and ``v = v_u + s (v_c - v_u)``. ``generator``
-    (one, or one per sample) drives the SDE noise. ``progress`` (optional) wraps the step range.
+    over ``[x, x]`` with labels ``[y, null_class]`` and ``v = v_u + s (v_c - v_u)``
+    (:mod:`erw_fast.sampling.guidance`). ``generator`` (one, or one per sample) drives the SDE
+    noise. ``progress`` (optional) wraps the step range.
     Returns a tensor like ``noise`` (same dtype) on the model's device.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    steps = int(steps)
-    if not torch.is_tensor(noise) or noise.dim() < 1 or not noise.is_floating_point():
-        raise ValueError("noise must be a floating-point tensor of shape (B, ...)")
-    labels = torch.as_tensor(labels)
-    if labels.dim() != 1 or labels.shape[0] != noise.shape[0]:
-        raise ValueError(f"labels must have shape ({noise.shape[0]},) to match noise {tuple(noise.shape)}, "
-                         f"got {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex():
-        raise ValueError(f"labels must be integer class ids, got {labels.dtype}")
-    cfg_scale = float(cfg_scale)
-    if not math.isfinite(cfg_scale):
-        raise ValueError(f"cfg_scale must be finite, got {cfg_scale}")
-    lo, hi = (float(v) for v in guidance_interval)
-    if lo > hi:
-        raise ValueError(f"guidance_interval {guidance_interval} must be (low, high) with low <= high")
-    guided = cfg_scale != 1.0
-    null_id = _resolve_null_class(model, null_class) if guided else None
+    steps, labels = _check_inputs(sampler, steps, noise, labels)
+    cfg_scale, lo, hi = check_guidance(cfg_scale, guidance_interval)
+    null_id = resolve_null_class(model, null_class) if cfg_scale != 1.0 else None
 
     m_dtype, device = _model_dtype_device(model, noise)
     # integrate in at least float32 (float64 if the noise is float64), feed the model its dtype
     s_dtype = torch.float64 if noise.dtype == torch.float64 else torch.float32
     x = noise.to(device=device, dtype=s_dtype)
     y = labels.to(device=device, dtype=torch.long)
-    b = x.shape[0]
-    y_pair = torch.cat([y, torch.full_like(y, null_id)]) if guided else None
+    cfg = ClassifierFreeGuidance(_model_forward(model, device, m_dtype, s_dtype), null_id)
 
     def velocity(x_cur: torch.Tensor, t: float) -> torch.Tensor:
-        use_cfg = guided and lo <= t <= hi
-        xin = torch.cat([x_cur, x_cur]) if use_cfg else x_cur
-        tin = torch.full((xin.shape[0],), t, device=device, dtype=m_dtype)
-        out = model(xin.to(m_dtype), tin, y_pair if use_cfg else y)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if out.shape != xin.shape:
-            raise ValueError(f"model returned shape {tuple(out.shape)} for input {tuple(xin.shape)}")
-        out = out.to(s_dtype)
-        if use_cfg:
-            cond, uncond = out[:b], out[b:]
-            out = uncond + cfg_scale * (cond - uncond)
-        return out
+        return cfg(x_cur, t, y, cfg_scale, guidance_active(cfg_scale, t, lo, hi))
 
+    def randn(shape) -> torch.Tensor:
+        return _randn(shape, generator, device, s_dtype)
+
+    step = _STEPS[sampler]
     ts = time_grid(sampler, steps).tolist()
     rng = range(len(ts) - 1)
     if progress is not None:
         rng = progress(rng)
     for i in rng:
-        t_cur, t_next = ts[i], ts[i + 1]
-        dt = t_next - t_cur  # negative
-        v = velocity(x, t_cur)
-        if sampler == "ode-euler":
-            x = x + dt * v
-        elif sampler == "ode-heun":
-            x_pred = x + dt * v
-            v_next = velocity(x_pred, t_next)
-            x = x + dt * 0.5 * (v + v_next)
-        else:  # sde: drift v - t * score = x + (2 - t) v; diffusion g^2 = 2t
-            drift = x + (2.0 - t_cur) * v
-            x = x + dt * drift
-            if i < len(ts) - 2:  # the last step (to t = 0) is deterministic
-                z = _randn(x.shape, generator, device, s_dtype)
-                x = x + math.sqrt(2.0 * t_cur * -dt) * z
+        x = step(velocity, x, ts[i], ts[i + 1], i == len(ts) - 2, randn)
     return x.to(noise.dtype)
 
 
