@@ -13,13 +13,13 @@ or, from the GPU check script::
 first step compiles the block), and the timed rounds shrink to fit; the part running when it
 expires finishes (tens of seconds at most on an H100).
 
-"ours" is the training engine's step (``erw_fast.engine``): its ``Objective`` (fused projection+cosine
+"ours" is the training engine's own step, ``erw_fast.engine.Trainer.train_step`` — what
+``python -m erw_fast.train`` runs every step: the method's ``Objective`` (fused projection+cosine
 alignment loss on CUDA), the SiT with fused LayerNorm+modulate / gated residual (on CUDA, Triton),
-every SiT block compiled with ``fullgraph=True`` (``SiT.compile_blocks()``, what ``train --compile``
-does),
-``make_optimizer`` (fused AdamW on CUDA, foreach on CPU), ``clip_grad_norm_(foreach=True)``, the
-``EMA`` (``torch._foreach_lerp_``) and the target encoder under bf16 autocast on CUDA
-(``TargetEncoder.reduced_precision``).  Both sides start from identical weights, read the same batches,
+every SiT block compiled with ``fullgraph=True`` (``Trainer.wrap(compile=True)``, what ``train
+--compile`` does), fused AdamW on CUDA (foreach on CPU), ``clip_grad_norm_(foreach=True)``, the EMA
+(``torch._foreach_lerp_``), the on-device NaN bookkeeping, and the target encoder under bf16
+autocast on CUDA (``TargetEncoder.reduced_precision``).  Both sides start from identical weights, read the same batches,
 use the same model (RoPE as the engine default, SDPA attention), bf16 autocast on CUDA and fp32 on CPU.
 
 Measurement: for each step kind both sides are built and warmed up (compile excluded), then timed
@@ -157,66 +157,63 @@ def build_target_encoder(name: str, device, input_size: int):
 # Our step (the engine's pieces)
 # --------------------------------------------------------------------------------------------
 def fused_align_setting(device) -> object:
-    """As the engine decides it (``_fused_align_setting`` with --fused unset)."""
+    """As the engine decides it with --fused unset (``erw_fast.ops.resolve_fused``)."""
     from erw_fast import ops
 
-    return "auto" if (device.type == "cuda" and ops.triton_available()) else False
+    return ops.resolve_fused(None, torch.device(device))
+
+
+def engine_batch(kind: str, batch: dict):
+    """A bench batch dict as the engine's ``Batch`` (the warmup reads clean inputs: t = 0, no ε)."""
+    from erw_fast.engine.batches import Batch
+
+    t, noise = batch["t"], batch["noise"]
+    if kind == "warmup":
+        t, noise = torch.zeros_like(t), None
+    return Batch(batch["x"], batch["y"], noise, t, batch["drop"], batch["enc"], [None])
+
+
+def make_objective(kind, model, cfg: dict, warm_blocks, fused_align):
+    """The engine's objective for a step kind, with the schedule the trainer would build."""
+    from erw_fast.method import AlignmentSchedule, Objective
+
+    sched = {"full": AlignmentSchedule("halflife", cfg["lambda0"], HALF_LIFE),
+             "repa": AlignmentSchedule("constant", cfg["lambda0"])}.get(kind)
+    return Objective(model, warm_blocks if kind == "warmup" else None, kind != "vanilla", sched, "cosine", 0.1,
+                     fused_align)
 
 
 class OursStep(TrainStep):
-    """One step of ``kind`` through the engine's Objective / make_optimizer / EMA."""
+    """One step of ``kind`` = ``Trainer.train_step`` of the training engine (``erw_fast.engine``).
+    Step kinds that share a model share its Trainer (its AdamW and EMA); each kind has its objective."""
 
     side = "ours"
 
-    def __init__(self, kind, model, ema_model, encoder, lam, warm_blocks, lr=1e-4, ema_decay=0.9999,
-                 grad_clip=1.0, amp=None, fused_align=None, opt=None, ema=None):
-        from erw_fast.engine.loop import Objective, make_optimizer
-        from erw_fast.engine.utils import EMA
-
+    def __init__(self, kind, trainer, cfg: dict, warm_blocks, fused_align=None):
         if kind not in KINDS:
             raise ValueError(f"unknown step kind {kind!r}; choose one of {KINDS}")
-        self.kind, self.model, self.encoder, self.lam = kind, model, encoder, float(lam)
-        self.device = next(model.parameters()).device
-        self.amp = (self.device.type == "cuda") if amp is None else amp
-        self.ema_decay, self.grad_clip = ema_decay, grad_clip
+        self.kind, self.trainer, self.device = kind, trainer, trainer.device
+        self.model, self.opt = trainer.model, trainer.opt
         if fused_align is None:
             fused_align = fused_align_setting(self.device)
-        self.objective = Objective(model, warm_blocks if kind == "warmup" else None, kind != "vanilla",
-                                   "cosine", 0.1, fused_align)
-        self.opt = make_optimizer(model, lr, self.device) if opt is None else opt
-        self.ema = EMA(ema_model, model) if ema is None else ema
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.objective = make_objective(kind, trainer.model, cfg, warm_blocks, fused_align)
+        self.k = SCHEDULE_STEP  # the phase-2 step at which λ is evaluated
 
     def loss(self, batch):
-        kind = self.kind
-        targets = [self.encoder(batch["enc"])] if kind != "vanilla" else []
-        t, noise = batch["t"], batch["noise"]
-        if kind == "warmup":
-            t, noise = torch.zeros_like(t), None
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            loss, _, _ = self.objective(batch["x"], noise, t, batch["y"], batch["drop"], targets, self.lam)
-        return loss
+        self.trainer.use_objective(self.objective)
+        return self.trainer.loss(engine_batch(self.kind, batch), self.k)[0]
 
-    def clip(self):
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-
-    def ema_update(self):
-        self.ema.update(self.ema_decay)
-
+    def __call__(self, batch):
+        self.trainer.use_objective(self.objective)
+        return self.trainer.train_step(engine_batch(self.kind, batch), self.k).loss
 
 
 # --------------------------------------------------------------------------------------------
 # Building a comparison: identical weights on both sides
 # --------------------------------------------------------------------------------------------
-def _register_sizes():
-    import erw_fast.engine.config  # noqa: F401  (registers SiT-D/*, the digits default model)
-
-
 def build_model_pair(cfg: dict, warm: bool, device, z_dim: int, seed: int = 0):
     """(naive model, ours model): the same weights; the warmup model has L blocks and a frozen final
     layer (as the engine builds it)."""
-    _register_sizes()
     from erw_fast.models.sit import build_model
 
     kw = dict(input_size=cfg["input_size"], in_channels=cfg["in_channels"], num_classes=cfg["num_classes"],
@@ -237,25 +234,28 @@ def build_model_pair(cfg: dict, warm: bool, device, z_dim: int, seed: int = 0):
 
 class Pair:
     """Both sides' models, EMA copies and optimizers for one model (warmup or full); step
-    callables per kind share them (full / repa / vanilla use the same full model)."""
+    callables per kind share them (full / repa / vanilla use the same full model). Our side is one
+    ``erw_fast.engine.Trainer`` (it owns our model's AdamW and EMA)."""
 
     def __init__(self, cfg, warm, device, encoder, compile=True, ours_fused=None, ours_fused_align=None,
                  seed=0):
-        self.cfg, self.warm, self.device, self.encoder = cfg, warm, torch.device(device), encoder
-        self.naive_model, self.ours_model = build_model_pair(cfg, warm, self.device, encoder.dim, seed)
-        if ours_fused is not None:
-            self.ours_model.set_fused(ours_fused)
-        self.naive_ema = copy.deepcopy(self.naive_model).requires_grad_(False)
-        self.ours_ema = copy.deepcopy(self.ours_model).requires_grad_(False)
-        self.ours_fused_align = ours_fused_align
-        self.naive_opt = naive_optimizer(self.naive_model, cfg["lr"])
-        from erw_fast.engine.loop import make_optimizer
-        from erw_fast.engine.utils import EMA
+        from erw_fast.engine import Trainer
 
-        self.ours_opt = make_optimizer(self.ours_model, cfg["lr"], self.device)
-        self.ours_ema_updater = EMA(self.ours_ema, self.ours_model)
-        if compile:
-            self.ours_model.compile_blocks()  # what --compile does
+        self.cfg, self.warm, self.device, self.encoder = cfg, warm, torch.device(device), encoder
+        naive_model, ours_model = build_model_pair(cfg, warm, self.device, encoder.dim, seed)
+        if ours_fused is not None:
+            ours_model.set_fused(ours_fused)
+        self.naive_model = naive_model
+        self.naive_ema = copy.deepcopy(self.naive_model).requires_grad_(False)
+        self.naive_opt = naive_optimizer(self.naive_model, cfg["lr"])
+        self.ours_fused_align = ours_fused_align
+        first = make_objective("warmup" if warm else "full", ours_model, cfg, cfg["l2r_depth"],
+                               ours_fused_align if ours_fused_align is not None else fused_align_setting(self.device))
+        amp = self.device.type == "cuda"
+        self.trainer = Trainer(ours_model, first, [encoder], lr=cfg["lr"], ema_decay=cfg["ema_decay"],
+                               grad_clip=1.0, amp=amp, device=self.device)
+        self.trainer.wrap(compile=compile)  # what --compile does
+        self.ours_model, self.ours_ema = self.trainer.model, self.trainer.ema_model
 
     def steps(self, kind):
         if (kind == "warmup") != self.warm:
@@ -263,11 +263,9 @@ class Pair:
         c = self.cfg
         lam = step_lambda(kind, c)
         L = c["l2r_depth"] if kind == "warmup" else None
-        common = dict(lr=c["lr"], ema_decay=c["ema_decay"])
         naive = NaiveStep(kind, self.naive_model, self.naive_ema, self.encoder, lam, L, opt=self.naive_opt,
-                          **common)
-        ours = OursStep(kind, self.ours_model, self.ours_ema, self.encoder, lam, L, opt=self.ours_opt,
-                        ema=self.ours_ema_updater, fused_align=self.ours_fused_align, **common)
+                          lr=c["lr"], ema_decay=c["ema_decay"])
+        ours = OursStep(kind, self.trainer, c, c["l2r_depth"], fused_align=self.ours_fused_align)
         return naive, ours
 
 
@@ -349,7 +347,7 @@ def step_peak_mem(step, batch, device):
 def step_flops(naive_step, batch) -> float:
     """FLOPs of one step (forward + backward + target encoder) by FlopCounterMode, on the naive eager
     step (the same maths as ours; optimizer/EMA have no matmuls)."""
-    from erw_fast.engine.loop import count_flops
+    from erw_fast.engine.trainer import count_flops
 
     def one():
         naive_step.loss(batch).backward()

@@ -1,9 +1,9 @@
 """The convergence study: vanilla SiT vs REPA vs ERW at equal training compute, on the embedded default.
 
-    python -m erw_fast.convergence                   # about 25 min on 2 CPU cores
+    python -m erw_fast.convergence                   # about 25 min on 2 CPU cores; report in runs/convergence/
     python -m erw_fast.convergence --methods erw-nowarmup    # add the control (about 8 min)
-    python -m erw_fast.convergence --out runs/quick --doc runs/quick/convergence.md --plot runs/quick/convergence.png \
-        --seeds 0 --points 3 --budget-steps 300              # a quicker look, kept apart from the docs
+    python -m erw_fast.convergence --update-docs     # write the repository's docs/convergence.md and plot
+    python -m erw_fast.convergence --out runs/quick --seeds 0 --points 3 --budget-steps 300   # a quicker look
 
 Every method trains the same model (the digits default, ``SiT-D/2``) on the same data with the same
 optimiser settings and the same **training compute**, counted in FLOPs with
@@ -22,9 +22,10 @@ the target encoder, though both learned from the same labels) and the fraction o
 as the requested digit.
 
 Outputs: ``--out`` holds the runs, ``results.jsonl`` (one line per evaluated checkpoint; a rerun
-skips what is there and resumes unfinished runs) and ``study.json``; ``--doc`` gets the markdown
-report (tables, the compute ratios with their seed spread, the command) and ``--plot`` the PNG of
-FID and accuracy against training compute. Text between ``<!-- notes:start -->`` and
+skips what is there and resumes unfinished runs) and ``study.json``; ``--doc`` (default
+``<out>/convergence.md``; ``docs/convergence.md`` with ``--update-docs``) gets the markdown report
+(tables, the compute ratios with their seed spread, the command) and ``--plot`` (default
+``<out>/convergence.png``) the PNG of FID and accuracy against training compute. Text between ``<!-- notes:start -->`` and
 ``<!-- notes:end -->`` in an existing doc is kept when the doc is rewritten.
 """
 from __future__ import annotations
@@ -61,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=d.out, help=f"folder for the runs and results.jsonl (default {d.out}); "
                    "rerunning resumes")
-    p.add_argument("--doc", default=d.doc, help=f"markdown report to write (default {d.doc}; '' = none)")
-    p.add_argument("--plot", default=d.plot, help=f"PNG plot to write (default {d.plot}; '' = none)")
+    p.add_argument("--doc", default=None, help="markdown report to write (default <out>/convergence.md; '' = none)")
+    p.add_argument("--plot", default=None, help="PNG plot to write (default <out>/convergence.png; '' = none)")
+    p.add_argument("--update-docs", action="store_true", help="write the report to the repository's "
+                   "docs/convergence.md and docs/images/convergence.png (unless --doc/--plot are given)")
     p.add_argument("--methods", type=_methods, default=d.methods, help="comma-separated subset of vanilla,repa,erw,erw-nowarmup "
                    "(default vanilla,repa,erw; erw-nowarmup is the control: ERW's decaying λ without the warmup). "
                    "The report covers every method evaluated in --out, so a control can be added by a later call")

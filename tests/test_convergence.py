@@ -34,7 +34,9 @@ def test_plan_gives_every_method_the_same_compute():
     # the control (ERW's λ without warmup) spends its budget exactly like REPA
     ctrl = plans["erw-nowarmup"]
     assert (ctrl.warmup_steps, ctrl.steps, ctrl.eval_steps) == (0, 600, plans["repa"].eval_steps)
-    assert cv.engine_method("erw-nowarmup") == "erw" and cv.engine_method("repa") == "repa"
+    from erw_fast.method import get_method
+
+    assert all(get_method(m) for m in cv.ALL_METHODS)  # every study arm is a recipe of the trainer
 
 
 def test_plan_refuses_a_budget_smaller_than_the_warmup():
@@ -136,3 +138,28 @@ def test_tiny_study_end_to_end(tmp_path):
     assert len((out / "results.jsonl").read_text().splitlines()) == n_lines + len(plans["repa"]["eval_steps"])
     assert text.count("python -m erw_fast.convergence --out") == 2  # both commands are listed
     assert json.loads((out / "study.json").read_text())["budget"] == pytest.approx(study["budget"])
+
+
+def test_report_goes_to_out_unless_docs_are_asked_for(tmp_path):
+    out = str(tmp_path / "study")
+    assert cv.report_paths(cv.StudyConfig(out=out)) == (os.path.join(out, "convergence.md"),
+                                                         os.path.join(out, "convergence.png"))
+    assert cv.report_paths(cv.StudyConfig(out=out, update_docs=True)) == (cv.DOCS_DOC, cv.DOCS_PLOT)
+    assert cv.report_paths(cv.StudyConfig(out=out, doc="", plot="p.png", update_docs=True)) == ("", "p.png")
+
+
+def test_probe_flops_counts_what_the_trainer_counts_without_training(tmp_path, monkeypatch):
+    """The study's FLOP probe trains nothing (no run folder) and counts what a run logs as warmup_cost."""
+    from erw_fast import engine
+
+    def no_training(*a, **k):
+        raise AssertionError("probe_flops must not train")
+
+    monkeypatch.setattr(engine, "train", no_training)
+    flops = cv.probe_flops()
+    assert flops["vanilla"] < flops["full"] and 0 < flops["warmup"] < flops["full"]
+    monkeypatch.undo()
+    res = engine.train(engine.TrainConfig(out=str(tmp_path / "r"), warmup_steps=1, steps=1, progress=False,
+                                          samples_per_class=1, sample_steps=1))
+    assert res.summary["warmup_cost"]["flops_per_step"] == flops["warmup"]
+    assert res.summary["train_flops_per_step"] == flops["full"]

@@ -132,8 +132,11 @@ def test_schedule_values():
 
 
 def test_methods():
-    assert set(METHODS) == {"erw", "repa", "vanilla"}
+    assert set(METHODS) == {"erw", "repa", "vanilla", "erw-nowarmup"}
     assert get_method("erw").warmup and get_method("erw").align
+    assert get_method("erw").phases == ("warmup", "train") and get_method("repa").phases == ("train",)
+    ctrl = get_method("erw-nowarmup")
+    assert not ctrl.warmup and ctrl.align and ctrl.schedule == get_method("erw").schedule
     assert not get_method("repa").warmup and get_method("repa").align
     assert not get_method("vanilla").align
     with pytest.raises(ValueError, match="unknown method"):

@@ -79,3 +79,23 @@ def test_interleaved_and_summary(setup):
     row = sb.summarise("small", "vanilla", cfg["batch"], tn, to)
     assert row["ratio"] > 0 and row["naive_img_s"] > 0 and row["naive_peak_mem_gib"] is None
     assert "| small | vanilla |" in sb.markdown_table([row])
+
+
+def test_ours_is_the_engines_train_step(setup, monkeypatch):
+    """The benchmark's "ours" side times ``erw_fast.engine.Trainer.train_step`` itself (not a copy)."""
+    from erw_fast.engine import Trainer
+
+    cfg, enc, batch = setup
+    pair = _pair(cfg, enc, "full")
+    _, ours = pair.steps("repa")
+    assert isinstance(ours.trainer, Trainer)
+    calls = []
+    real = Trainer.train_step
+
+    def spy(self, b, k, global_step=None):
+        calls.append((type(b).__name__, k))
+        return real(self, b, k, global_step)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    ours(batch)
+    assert calls == [("Batch", sb.SCHEDULE_STEP)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from erw_fast.engine import NonFiniteLossError, RunFolderError, TrainConfig, resolve_config, train
-from erw_fast.engine import loop as loop_mod
+from erw_fast.method import objective as objective_mod
 from erw_fast.train import build_parser, config_from_args, main
 
 pytestmark = pytest.mark.filterwarnings("ignore:decoder_hidden_size")
@@ -101,7 +101,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = loop_mod.velocity_loss
+    real = objective_mod.velocity_loss
 
     def fake(*a):
         calls["n"] += 1
@@ -109,7 +109,7 @@ def test_sigterm_checkpoints_and_exits(tmp_path, monkeypatch):
             signal.raise_signal(signal.SIGTERM)
         return real(*a)
 
-    monkeypatch.setattr(loop_mod, "velocity_loss", fake)
+    monkeypatch.setattr(objective_mod, "velocity_loss", fake)
     res = train(cfg(tmp_path, method="vanilla", steps=6))
     assert res.status == "interrupted" and res.steps == 2
     assert load(res.checkpoint)["steps"] == 2
@@ -262,7 +262,7 @@ def test_prefetcher_returns_fn_k_and_reads_ahead_in_a_thread():
     import threading
     import time as _time
 
-    from erw_fast.engine.utils import Prefetcher, map_tensors
+    from erw_fast.engine.prefetch import Prefetcher, map_tensors
 
     calls = []
 

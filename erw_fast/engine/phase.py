@@ -7,10 +7,10 @@ import time
 
 import torch
 
-from ..method.objective import Objective
 from ..method.recipes import PHASE_WARMUP
 from ..utils.distributed import any_rank, barrier, max_over_ranks
 from .batches import BatchSource
+from .build import phase_trainer
 from .checkpoint import FORMAT, checkpoint_path, save_atomic
 from .errors import NonFiniteLossError
 from .logging import fmt_seconds, human_flops
@@ -25,16 +25,13 @@ def build_trainer(run, phase: str, model, ckpt):
     offset = 0 if warm else cfg.warmup_steps
     n_steps = cfg.warmup_steps if warm else cfg.steps
     k = run.state.phase_step
-    objective = Objective(model, cfg.l2r_depth if warm else None, run.method.align, run.schedule,
-                          cfg.align_loss, cfg.temperature, run.fused_align)
-    trainer = Trainer(model, objective, run.encoders, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip,
-                      amp=run.amp, device=d.device, first_step=offset + k)
+    trainer = phase_trainer(cfg, phase, model, run.encoders, d.device, run.fused_align, run.amp, first_step=offset + k)
     trainer.inject_nan_at = cfg.debug_nan_at_step
     if ckpt is not None:
         trainer.load_state(ckpt)
         if "rng" in ckpt and "torch" in ckpt["rng"]:
             torch.set_rng_state(ckpt["rng"]["torch"])
-    batches = BatchSource(run.data, run.encoders, objective, run.indexer, cfg.seed, cfg.class_dropout, offset,
+    batches = BatchSource(run.data, run.encoders, trainer.objective, run.indexer, cfg.seed, cfg.class_dropout, offset,
                           d.device, prefetch=cfg.prefetch)
     k0 = k if k < n_steps else 0
     try:  # FLOPs of one step (forward + backward + target encoder), eager, before DDP

@@ -19,10 +19,11 @@ import torch
 from ..method.recipes import PHASE_TRAIN, PHASE_WARMUP, MethodSpec, get_method
 from ..method.schedules import AlignmentSchedule
 from ..method.transfer import transfer_warmup
-from ..models.sit import SiT, build_model
+from ..models.sit import SiT
 from ..utils.distributed import Dist, barrier, setup_distributed
 from ..utils.progress import RunProgress
-from ..utils.seeding import STREAM_INIT, BatchIndexer, mix_seed
+from ..utils.seeding import BatchIndexer
+from .build import build_net, fused_setting, load_encoders, schedule_of, uses_bf16
 from .checkpoint import find_resume_checkpoint, folder_holds_run, read_training_checkpoint, resume_config
 from .config import TrainConfig, resolve_config
 from .errors import NonFiniteLossError, RunFolderError  # noqa: F401  (re-exported)
@@ -68,61 +69,6 @@ class Run:
     schedule: AlignmentSchedule
     state: RunState
     result: TrainResult
-
-
-# --------------------------------------------------------------------------------------------
-# Building blocks (also used by the convergence study's FLOP count and the benchmarks)
-# --------------------------------------------------------------------------------------------
-def load_encoders(cfg: TrainConfig, data, device) -> List:
-    """The target encoders a method needs (none for vanilla), checked against the token grid."""
-    if not get_method(cfg.method).needs_encoder:
-        return []
-    from ..encoders import build_encoder, check_token_grid
-
-    patch = int(cfg.model.rsplit("/", 1)[1])
-    if cfg.features == "precomputed":
-        from ..data.features import precomputed_encoders
-
-        encoders = precomputed_encoders(cfg.data, cfg.encoder, expected_count=data.num_samples)
-    else:
-        # DINOv2 resizes its input so that its patch grid equals the SiT token grid
-        enc_kw = dict(input_size=data.input_size, token_grid=data.input_size // patch, patch_size=patch)
-        if cfg.encoder_source != "auto":
-            enc_kw["source"] = cfg.encoder_source
-        names = [n.strip() for n in cfg.encoder.split(",") if n.strip()]
-        paths = [q.strip() for q in cfg.encoder_path.split(",")] if cfg.encoder_path else []
-        if paths and len(paths) != len(names):
-            raise ValueError(f"--encoder-path lists {len(paths)} path(s) for {len(names)} encoder(s) "
-                             f"({cfg.encoder}); give one per encoder, comma-separated")
-        encoders = [build_encoder(n, device=device, **enc_kw, **({"path": paths[i]} if paths and paths[i] else {}))
-                    for i, n in enumerate(names)]
-    check_token_grid(encoders, (data.input_size // patch) ** 2, f"model {cfg.model}")
-    return encoders
-
-
-def build_net(cfg: TrainConfig, data, z_dims: List[int], warm: bool) -> SiT:
-    """The full SiT, or ERW's warmup model (blocks 0..L-1 only), seeded per phase."""
-    kw = dict(input_size=data.input_size, in_channels=data.channels, num_classes=data.num_classes,
-              class_dropout_prob=cfg.class_dropout, encoder_depth=cfg.encoder_depth, z_dims=list(z_dims),
-              projector_dim=cfg.projector_dim, use_rope=cfg.rope, qk_norm=cfg.qk_norm,
-              attn_backend=cfg.attn_backend, fused=cfg.fused)
-    if warm:
-        kw.update(depth=cfg.l2r_depth, encoder_depth=cfg.l2r_depth)
-    torch.manual_seed(mix_seed(cfg.seed, STREAM_INIT, int(warm)))
-    model = build_model(cfg.model, **kw)
-    if warm:  # the warmup model has no use for its final layer: keep it out of the optimizer/DDP
-        model.final_layer.requires_grad_(False)
-    return model
-
-
-def uses_bf16(cfg: TrainConfig, device) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.device(device).type == "cuda")
-
-
-def fused_setting(cfg: TrainConfig, device):
-    from .. import ops
-
-    return ops.resolve_fused(cfg.fused, torch.device(device))
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,7 +149,7 @@ def _train(config: TrainConfig) -> TrainResult:
         log.write({"event": "resume", "from": ckpt_path, "steps": int(ckpt["steps"])})
     run = Run(cfg, method, d, data, encoders, fused_setting(cfg, d.device), uses_bf16(cfg, d.device), log, bar,
               StopSignals(notify=bar.message), BatchIndexer(data.num_samples, cfg.batch_size, cfg.seed, d.rank, d.world),
-              AlignmentSchedule(cfg.lambda_schedule, cfg.lambda0, cfg.half_life, cfg.tau), state,
+              schedule_of(cfg), state,
               TrainResult(out=cfg.out, status="finished", steps=0))
     bar.message(_banner(run))
     t0 = time.time()

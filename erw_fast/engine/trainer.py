@@ -90,6 +90,13 @@ class Trainer:
             self.runner = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
         return self
 
+    def use_objective(self, objective: Objective):
+        """Swap the objective on the same model (one process; the benchmarks time the step kinds
+        that share a model this way)."""
+        if self.runner is not self.objective:
+            raise RuntimeError("use_objective: the objective is wrapped in DDP; build a Trainer per objective")
+        self.objective = self.runner = objective
+
     # ---------------------------------------------------------------- the step
     def targets(self, batch: Batch) -> List[torch.Tensor]:
         """Target features: the encoder on the batch's pixels, or the precomputed features."""

@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,11 +32,15 @@ LABELS = {"vanilla": "SiT (vanilla)", "repa": "REPA", "erw": "ERW (warmup counte
 NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
 
 
+DOCS_DOC, DOCS_PLOT = "docs/convergence.md", "docs/images/convergence.png"
+
+
 @dataclass
 class StudyConfig:
     out: str = "runs/convergence"
-    doc: str = "docs/convergence.md"
-    plot: str = "docs/images/convergence.png"
+    doc: Optional[str] = None        # None: <out>/convergence.md ('' = none)
+    plot: Optional[str] = None       # None: <out>/convergence.png ('' = none)
+    update_docs: bool = False        # write the repository's docs/convergence.md and its plot instead
     methods: Tuple[str, ...] = METHODS
     seeds: Tuple[int, ...] = (0, 1, 2)
     budget_steps: int = 600          # the compute budget, in REPA steps of the default model and batch
@@ -67,11 +71,6 @@ class RunPlan:
     @property
     def total_steps(self) -> int:
         return self.warmup_steps + self.steps
-
-
-def engine_method(method: str) -> str:
-    """The trainer's --method for a study method (controls are configurations of ERW)."""
-    return "erw" if method.startswith("erw") else method
 
 
 def step_flops_of(flops: Dict[str, float], method: str) -> Tuple[float, float]:
@@ -119,26 +118,14 @@ def plan_runs(flops: Dict[str, float], budget_steps: int, points: int, warmup_st
 
 
 def probe_flops(model: Optional[str] = None, threads: Optional[int] = None) -> Dict[str, float]:
-    """FLOPs per step of a vanilla step, an ERW warmup step and a full REPA/ERW step, counted by the
-    trainer itself on a one-step run in a temporary folder."""
-    from ..engine import TrainConfig, train
+    """FLOPs per step of a vanilla step, an ERW warmup step and a full REPA/ERW step, counted as the
+    trainer counts them (``erw_fast.engine.build.measure_step_flops``), without training."""
+    from ..engine import TrainConfig
+    from ..engine.build import measure_step_flops
 
-    out = {}
-    with tempfile.TemporaryDirectory(prefix="erw_fast_probe_") as tmp:
-        for method in ("vanilla", "erw"):
-            cfg = TrainConfig(method=method, model=model, out=os.path.join(tmp, method), warmup_steps=1, steps=1,
-                              progress=False, samples_per_class=1, sample_steps=1, threads=threads)
-            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-                res = train(cfg)
-            full = res.summary.get("train_flops_per_step")
-            if not full:
-                raise RuntimeError(f"could not count the FLOPs of a {method} step (torch.utils.flop_counter failed)")
-            if method == "vanilla":
-                out["vanilla"] = float(full)
-            else:
-                out["full"] = float(full)
-                out["warmup"] = float(res.summary["warmup_cost"]["flops_per_step"])
-    return out
+    vanilla = measure_step_flops(TrainConfig(method="vanilla", model=model, threads=threads))
+    erw = measure_step_flops(TrainConfig(method="erw", model=model, threads=threads))
+    return {"vanilla": float(vanilla["train"]), "full": float(erw["train"]), "warmup": float(erw["warmup"])}
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,8 +202,8 @@ def run_dir(cfg: StudyConfig, method: str, seed: int) -> str:
 def train_run(cfg: StudyConfig, plan: RunPlan, seed: int) -> str:
     """Train one run (or resume an unfinished one); returns its folder."""
     from ..engine import TrainConfig, train
-    from ..engine.loop import folder_holds_run
-    from ..engine.utils import list_checkpoints
+    from ..engine.checkpoint import folder_holds_run
+    from ..models.checkpoint import list_checkpoints
 
     out = run_dir(cfg, plan.method, seed)
     done = os.path.join(out, "done.json")
@@ -225,7 +212,7 @@ def train_run(cfg: StudyConfig, plan: RunPlan, seed: int) -> str:
     resume = bool(list_checkpoints(out))
     if not resume and folder_holds_run(out):  # killed before its first checkpoint: start it over
         shutil.rmtree(out)
-    method = engine_method(plan.method)
+    method = plan.method  # the control erw-nowarmup is a recipe of the trainer too
     tc = TrainConfig(method=method, model=cfg.model, out=out, seed=seed, steps=plan.steps,
                      warmup_steps=plan.warmup_steps if method == "erw" else None,
                      ckpt_at=tuple(plan.eval_steps), samples_per_class=1, threads=cfg.threads,
@@ -243,9 +230,9 @@ def train_run(cfg: StudyConfig, plan: RunPlan, seed: int) -> str:
 def evaluate_checkpoint(cfg: StudyConfig, path: str, ref_stats) -> dict:
     from ..metrics import (classifier_accuracy, compute_features, feature_stats, frechet_distance,
                           get_feature_network)
-    from ..engine.utils import read_training_checkpoint
+    from ..engine.checkpoint import read_training_checkpoint
     from ..models.checkpoint import load_checkpoint
-    from ..sample import generate
+    from ..sampling.generate import generate
 
     ckpt = read_training_checkpoint(path)
     model = load_checkpoint(ckpt, which="ema").eval()
@@ -325,7 +312,7 @@ def lambda_schedules(model: Optional[str]) -> Dict[str, str]:
 
     out = {}
     for m in ALL_METHODS:
-        c = resolve_config(TrainConfig(method=engine_method(m), model=model))
+        c = resolve_config(TrainConfig(method=m, model=model))
         if m == "vanilla":
             out[m] = "none"
         elif c.lambda_schedule == "constant":
@@ -347,6 +334,14 @@ def _append_command(out: str, command: str) -> List[str]:
     return cmds
 
 
+def report_paths(cfg: StudyConfig) -> Tuple[str, str]:
+    """(doc, plot): given paths win; else the repository's docs with ``update_docs``; else in ``out``."""
+    doc = cfg.doc if cfg.doc is not None else (DOCS_DOC if cfg.update_docs else os.path.join(cfg.out, "convergence.md"))
+    plot = cfg.plot if cfg.plot is not None else (DOCS_PLOT if cfg.update_docs else
+                                                  os.path.join(cfg.out, "convergence.png"))
+    return doc, plot
+
+
 def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
     from ..engine.config import TrainConfig, resolve_config
     from ..metrics import digits_reference_stats
@@ -355,6 +350,7 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
         raise ValueError(f"--methods must be a subset of {','.join(ALL_METHODS)} in that order, got {cfg.methods}")
     if cfg.num_samples < 2:
         raise ValueError(f"--num-samples must be >= 2 for FID, got {cfg.num_samples}")
+    cfg = replace(cfg, doc=report_paths(cfg)[0], plot=report_paths(cfg)[1])
     if cfg.plot:
         _require_matplotlib()
     t_start = time.time()
