@@ -15,9 +15,12 @@ diffusers = pytest.importorskip("diffusers")
 PIL = pytest.importorskip("PIL")
 from PIL import Image  # noqa: E402
 
-from erw_fast.data.latents import (SD_VAE_SCALE, CorruptShardError, LabelCountError, LatentData,  # noqa: E402
-                                   LatentDataError, LatentDataset, LatentShards, RepaLayout, open_latents,
-                                   sample_posterior)
+from erw_fast.data import prepare as pp_lib  # noqa: E402
+from erw_fast.data import features as ef_lib  # noqa: E402
+from erw_fast.data.latents import LatentData, LatentDataset  # noqa: E402
+from erw_fast.data.shards import (CorruptShardError, LabelCountError, LatentDataError, LatentShards,  # noqa: E402
+                                  PreprocessError, RepaLayout, open_latents)
+from erw_fast.data.vae import SD_VAE_SCALE, encode_moments, load_vae  # noqa: E402
 from erw_fast.encoders import build_encoder, check_token_grid  # noqa: E402
 from erw_fast.encoders.dinov2 import DINOv2Encoder, EncoderWeightsError  # noqa: E402
 from erw_fast import preprocess as pp  # noqa: E402
@@ -72,7 +75,7 @@ def image_folder(tmp_path_factory):
 
 def _run_preprocess(images, out, vae, **kw):
     kw.setdefault("shard_size", 4)
-    return pp.preprocess(images=images, out=str(out), resolution=RES, vae=vae, batch_size=3, workers=0,
+    return pp_lib.preprocess(images=images, out=str(out), resolution=RES, vae=vae, batch_size=3, workers=0,
                          progress=False, device="cpu", **kw)
 
 
@@ -253,16 +256,17 @@ def test_dinov2_rejects_latents(tiny_dinov2_dir):
 # --------------------------------------------------------------------------------------------
 def test_adm_center_crop():
     im = Image.fromarray(np.full((300, 200, 3), 77, np.uint8))
-    out = pp.adm_center_crop(im, 32)
+    out = pp_lib.adm_center_crop(im, 32)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8 and (out == 77).all()
     # horizontal gradient: the centre crop keeps the middle columns
     grad = np.tile(np.linspace(0, 255, 160).astype(np.uint8)[None, :, None], (64, 1, 3))
-    out = pp.adm_center_crop(Image.fromarray(grad), 32)
+    out = pp_lib.adm_center_crop(Image.fromarray(grad), 32)
     assert out.shape == (32, 32, 3)
     assert abs(int(out[:, 16].mean()) - 127) < 8 and out[0, 0, 0] < out[0, -1, 0]
-    with pytest.raises(pp.ImageTooSmallError, match=r"tiny\.png is 20x40, smaller than the 32-px crop.*--small-images"):
-        pp.adm_center_crop(Image.new("RGB", (20, 40)), 32, name="tiny.png")
-    assert pp.adm_center_crop(Image.new("RGB", (20, 40)), 32, allow_upscale=True).shape == (32, 32, 3)
+    with pytest.raises(pp_lib.ImageTooSmallError,
+                       match=r"tiny\.png is 20x40, smaller than the 32-px crop.*--small-images"):
+        pp_lib.adm_center_crop(Image.new("RGB", (20, 40)), 32, name="tiny.png")
+    assert pp_lib.adm_center_crop(Image.new("RGB", (20, 40)), 32, allow_upscale=True).shape == (32, 32, 3)
 
 
 def test_preprocess_shards(latents_dir, image_folder, tiny_vae_dir):
@@ -274,16 +278,16 @@ def test_preprocess_shards(latents_dir, image_folder, tiny_vae_dir):
     assert index["classes"] == list(CLASSES) and index["scale"] == SD_VAE_SCALE
     store = open_latents(latents_dir)
     assert isinstance(store, LatentShards) and len(store) == n
-    files, labels, _ = pp.list_image_folder(image_folder)
+    files, labels, _ = pp_lib.list_image_folder(image_folder)
     assert store.labels.tolist() == labels == [c for c in range(3) for _ in range(N_PER_CLASS)]
     idx = np.array([8, 0, 5, 4])  # across shards, unsorted
     imgs = store.images(idx)
     for r, i in enumerate(idx):
         with Image.open(os.path.join(image_folder, files[i])) as im:
-            ref = pp.adm_center_crop(im, RES, allow_upscale=False)
+            ref = pp_lib.adm_center_crop(im, RES, allow_upscale=False)
         np.testing.assert_array_equal(imgs[r], ref.transpose(2, 0, 1))
-    vae = pp.load_vae(tiny_vae_dir)
-    ref_m = pp.encode_moments(vae, torch.from_numpy(imgs))
+    vae = load_vae(tiny_vae_dir)
+    ref_m = encode_moments(vae, torch.from_numpy(imgs))
     mom = store.moments(idx)
     assert mom.dtype == np.float16
     torch.testing.assert_close(torch.from_numpy(mom).float(), ref_m, atol=2e-3, rtol=2e-3)
@@ -295,11 +299,11 @@ def test_preprocess_shards(latents_dir, image_folder, tiny_vae_dir):
     eps = data.posterior_noise(seed=0, step=3, sample_ids=range(4))
     torch.testing.assert_close(eps, data.posterior_noise(0, 3, [0, 1, 2, 3]))
     assert not torch.equal(eps, data.posterior_noise(0, 4, range(4)))
-    z, y, enc_imgs = data.batch(torch.from_numpy(idx), eps)
+    z, y, enc_imgs = data.read(torch.from_numpy(idx), eps)
     m = torch.from_numpy(mom).float()
     torch.testing.assert_close(z, (m[:, :4] + m[:, 4:] * eps) * SD_VAE_SCALE)
     assert y.tolist() == store.labels[idx].tolist() and enc_imgs.dtype == torch.uint8
-    assert data.batch(idx, eps, with_images=False)[2] is None
+    assert data.read(idx, eps, with_images=False)[2] is None
     ds = LatentDataset(latents_dir, eps_fn=lambda i: torch.ones(4, 4, 4))
     z1, img1, y1 = ds[5]
     torch.testing.assert_close(z1, (m[2, :4] + m[2, 4:]) * SD_VAE_SCALE)
@@ -324,7 +328,7 @@ def test_preprocess_resume_keeps_finished_shards(tmp_path, image_folder, tiny_va
     np.testing.assert_array_equal(a.images(range(9)), b.images(range(9)))
     assert not any(f.endswith(".tmp") for f in os.listdir(out))
     # other settings into the same folder are refused, not mixed
-    with pytest.raises(pp.PreprocessError, match="other settings"):
+    with pytest.raises(PreprocessError, match="other settings"):
         _run_preprocess(image_folder, out, tiny_vae_dir, shard_size=5)
 
 
@@ -367,26 +371,26 @@ def test_preprocess_bad_inputs(tmp_path, tiny_vae_dir, monkeypatch):
     os.makedirs(small)
     Image.new("RGB", (64, 64)).save(small / "a.png")
     Image.new("RGB", (20, 48)).save(small / "b.png")
-    with pytest.raises(pp.ImageTooSmallError, match=r"b\.png is 20x48"):
+    with pytest.raises(pp_lib.ImageTooSmallError, match=r"b\.png is 20x48"):
         _run_preprocess(str(tmp_path / "small"), tmp_path / "o1", tiny_vae_dir)
     idx = _run_preprocess(str(tmp_path / "small"), tmp_path / "o1", tiny_vae_dir, small_images="upscale")
     assert idx["count"] == 2
     flat = tmp_path / "flat"
     os.makedirs(flat)
     Image.new("RGB", (64, 64)).save(flat / "a.png")
-    with pytest.raises(pp.PreprocessError, match="one sub-folder per class"):
+    with pytest.raises(PreprocessError, match="one sub-folder per class"):
         _run_preprocess(str(flat), tmp_path / "o2", tiny_vae_dir)
     with pytest.raises(FileNotFoundError, match="no_vae_here"):
-        pp.load_vae(str(tmp_path / "no_vae_here"))
+        load_vae(str(tmp_path / "no_vae_here"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(FileNotFoundError, match=r"stabilityai/sd-vae-ft-mse.*--vae DIR"):
-        pp.load_vae("stabilityai/sd-vae-ft-mse")
+        load_vae("stabilityai/sd-vae-ft-mse")
     assert pp.main(["--images", str(tmp_path / "small"), "--out", str(tmp_path / "o3"), "--vae",
                     str(tmp_path / "no_vae_here"), "--no-progress"]) == 2
     monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(ImportError, match=r"diffusers.*pip install 'erw_fast\[data\]'"):
-        pp.load_vae(tiny_vae_dir)
+        load_vae(tiny_vae_dir)
 
 
 def _write_repa_layout(root, store):
@@ -417,7 +421,7 @@ def test_repa_layout_read_and_convert(tmp_path, latents_dir):
     assert (data.input_size, data.channels, data.num_classes) == (4, 4, 3)
     # convert to shards without the VAE
     conv = tmp_path / "conv"
-    pp.preprocess(from_repa=str(repa), out=str(conv), shard_size=4, progress=False)
+    pp_lib.preprocess(from_repa=str(repa), out=str(conv), shard_size=4, progress=False)
     np.testing.assert_array_equal(LatentShards(str(conv)).moments(range(9)), ours.moments(range(9)))
     # label count mismatch
     with open(repa / "vae-sd" / "dataset.json") as f:
@@ -440,19 +444,19 @@ def test_extract_features_and_alignment_equivalence(tmp_path, latents_dir, tiny_
 
     data_dir = tmp_path / "data"
     shutil.copytree(latents_dir, data_dir)
-    ef.extract_features(str(data_dir), "dinov2-vit-b", encoder_path=tiny_dinov2_dir, batch_size=3,
+    ef_lib.extract_features(str(data_dir), "dinov2-vit-b", encoder_path=tiny_dinov2_dir, batch_size=3,
                         progress=False, device="cpu", _stop_after_shards=1)
     first = os.stat(data_dir / "features" / "dinov2-vit-b" / "shard-00000.npy").st_mtime_ns
-    with pytest.raises(ef.FeatureStoreError, match="extract_features --data"):
-        ef.FeatureStore(str(data_dir), "dinov2-vit-b")
-    index = ef.extract_features(str(data_dir), "dinov2-vit-b", encoder_path=tiny_dinov2_dir, batch_size=3,
+    with pytest.raises(ef_lib.FeatureStoreError, match="extract_features --data"):
+        ef_lib.FeatureStore(str(data_dir), "dinov2-vit-b")
+    index = ef_lib.extract_features(str(data_dir), "dinov2-vit-b", encoder_path=tiny_dinov2_dir, batch_size=3,
                                 progress=False, device="cpu")
     assert os.stat(data_dir / "features" / "dinov2-vit-b" / "shard-00000.npy").st_mtime_ns == first  # kept
     assert (index["count"], index["token_grid"], index["dim"]) == (9, GRID, 32)
 
     data = LatentData(str(data_dir))
-    (pre,) = data.attach_features(["dinov2-vit-b"])
-    stub = ef.precomputed_encoders(str(data_dir), "dinov2-vit-b", expected_count=9)[0]
+    pre = ef_lib.FeatureStore(str(data_dir), "dinov2-vit-b", expected_count=len(data))
+    stub = ef_lib.precomputed_encoders(str(data_dir), "dinov2-vit-b", expected_count=9)[0]
     assert (stub.name, stub.dim, stub.token_grid) == ("dinov2-vit-b", 32, GRID)
     enc = build_encoder("dinov2-vit-b", path=tiny_dinov2_dir, input_size=data.input_size)
     idx = torch.tensor([8, 2, 5, 0, 4])
@@ -470,9 +474,9 @@ def test_extract_features_and_alignment_equivalence(tmp_path, latents_dir, tiny_
     with open(p, "r+b") as f:
         f.truncate(os.path.getsize(p) - 10)
     with pytest.raises(CorruptShardError, match=r"features/dinov2-vit-b/shard-00001\.npy is truncated"):
-        ef.FeatureStore(str(data_dir), "dinov2-vit-b")
-    ef.extract_features(str(data_dir), "dinov2-vit-b", encoder_path=tiny_dinov2_dir, progress=False, device="cpu")
-    ef.FeatureStore(str(data_dir), "dinov2-vit-b", expected_count=9)
+        ef_lib.FeatureStore(str(data_dir), "dinov2-vit-b")
+    ef_lib.extract_features(str(data_dir), "dinov2-vit-b", encoder_path=tiny_dinov2_dir, progress=False, device="cpu")
+    ef_lib.FeatureStore(str(data_dir), "dinov2-vit-b", expected_count=9)
 
 
 # --------------------------------------------------------------------------------------------

@@ -61,3 +61,39 @@ class DigitsDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.images[i], self.labels[i]
+
+
+class DigitsData:
+    """The digits as the training engine reads them (the ``erw_fast.data.TrainData`` protocol): all
+    images and labels on ``device`` once, a batch is an index into them, the pixels are the data."""
+
+    is_latent = False
+    root = None
+    channels = 1
+    num_classes = NUM_CLASSES
+
+    def __init__(self, device="cpu", size: int = 16):
+        x, y = load_digits(size)
+        self.images, self.labels = x.to(device), y.to(device)
+        self.input_size = size
+
+    def __len__(self):
+        return len(self.labels)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx, seed: int, step: int, sample_ids, with_pixels: bool = True):
+        """``(images[idx], labels[idx], images[idx])``: the encoder sees the images themselves (the
+        seeds are unused: nothing is drawn)."""
+        x = self.images[idx]
+        return x, self.labels[idx], x
+
+    def sample_classes(self):
+        """None: a sample grid shows every class."""
+        return None
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity: the model works in pixel space."""
+        return x

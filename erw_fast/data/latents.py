@@ -1,96 +1,20 @@
-"""Latent datasets for real-scale training: SD-VAE posterior moments + labels + the raw image.
+"""Latent training data: posterior moments read from disk (``shards.py``), sampled afresh each step.
 
-Two on-disk layouts are read, both through the same interface (``open_latents(root)``):
-
-**erw_fast shards** (written by ``python -m erw_fast.preprocess``)::
-
-    root/index.json                      {"format": "erw_fast.latents", "version": 1, "count", "shards", ...}
-    root/shard-00000.moments.npy         (n, 2C, h, w) float16: posterior mean ‖ std (C = 4, h = w = res/8)
-    root/shard-00000.labels.npy          (n,) int64
-    root/shard-00000.images.npy          (n, 3, res, res) uint8: the ADM-centre-cropped image (for the encoder)
-    root/shard-00000.json                the shard's "done" marker (count, shapes); written last
-    root/features/<encoder>/...          optional fp16 target features (``python -m erw_fast.extract_features``)
-
-Shards are plain ``.npy`` files opened memory-mapped once (no per-sample file opens); a batch is a
-fancy-index into them. Each shard has a fixed number of samples (the last may be short), so shard
-``k`` always holds global samples ``[k·S, k·S + n)``, whatever the number of GPUs that wrote it.
-
-**REPA's layout** (``images/`` PNGs + ``vae-sd/*.npy`` per-image mean ‖ std + ``dataset.json`` labels),
-read directly (one file open per sample: fine for a start, convert with ``--from-repa`` for speed).
-
-Training samples the posterior afresh each step: ``z = (mean + std · ε) · 0.18215`` with ``ε`` given by
-the caller (``sample_posterior``), so the trainer's per-sample seeding decides every draw.
+Training samples the posterior each step: ``z = (mean + std · ε) · 0.18215`` with ``ε`` seeded per
+(seed, step, sample) (``LatentData.posterior_noise``) or given by the caller (``sample_posterior``), so
+the trainer's per-sample seeding decides every draw.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
-FORMAT = "erw_fast.latents"
-VERSION = 1
-SD_VAE_SCALE = 0.18215
-POSTERIOR_STREAM = 5        # seed stream of the posterior ε (the engine uses 1..4)
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
-
-class LatentDataError(ValueError):
-    """A latent dataset on disk is missing, corrupt or inconsistent (the message names the file)."""
-
-
-class CorruptShardError(LatentDataError):
-    pass
-
-
-class LabelCountError(LatentDataError):
-    pass
-
-
-# --------------------------------------------------------------------------------------------
-# .npy helpers
-# --------------------------------------------------------------------------------------------
-def npy_header(path: str):
-    """(shape, dtype, data offset) of a .npy file, read from its header only."""
-    with open(path, "rb") as f:
-        try:
-            major, _minor = np.lib.format.read_magic(f)
-            if major == 1:
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        except Exception as e:
-            raise CorruptShardError(f"{path}: not a readable .npy file ({e}); delete it and rerun the "
-                                    "command that wrote it") from e
-        if fortran:
-            raise CorruptShardError(f"{path}: Fortran-ordered array; expected C order")
-        return tuple(shape), np.dtype(dtype), f.tell()
-
-
-def npy_expected_bytes(path: str) -> int:
-    shape, dtype, offset = npy_header(path)
-    return offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-
-
-def check_npy(path: str, what: str = "shard", fix: str = "") -> tuple:
-    """Check that ``path`` exists and is not truncated; returns (shape, dtype)."""
-    if not os.path.isfile(path):
-        raise CorruptShardError(f"{what} file {path} is missing{fix}")
-    shape, dtype, offset = npy_header(path)
-    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    actual = os.path.getsize(path)
-    if actual != expected:
-        raise CorruptShardError(
-            f"{what} file {path} is truncated or corrupt: its header says {shape} {dtype} = {expected} bytes, "
-            f"the file has {actual} bytes{fix}")
-    return shape, dtype
-
-
-def open_npy(path: str, what: str = "shard", fix: str = "") -> np.ndarray:
-    check_npy(path, what, fix)
-    return np.load(path, mmap_mode="r")
+from ..utils.seeding import STREAM_POSTERIOR, mix_seed
+from .shards import LatentDataError, open_latents
+from .vae import SD_VAE_SCALE, decode_latents, load_vae
 
 
 def sample_posterior(moments: torch.Tensor, eps: torch.Tensor, scale: float = SD_VAE_SCALE) -> torch.Tensor:
@@ -101,205 +25,6 @@ def sample_posterior(moments: torch.Tensor, eps: torch.Tensor, scale: float = SD
     return (mean + std * eps.to(mean)) * scale
 
 
-# --------------------------------------------------------------------------------------------
-# erw_fast shards
-# --------------------------------------------------------------------------------------------
-def shard_stem(root: str, k: int) -> str:
-    return os.path.join(root, f"shard-{k:05d}")
-
-
-SHARD_FIELDS = ("moments", "labels", "images")
-
-
-class LatentShards:
-    """Reader of ``python -m erw_fast.preprocess`` output. ``moments(idx)``, ``images(idx)`` and
-    ``labels`` (int64 numpy, in memory)."""
-
-    layout = "shards"
-
-    def __init__(self, root: str):
-        self.root = root
-        path = os.path.join(root, "index.json")
-        try:
-            with open(path) as f:
-                self.index = json.load(f)
-        except FileNotFoundError:
-            raise LatentDataError(f"{path} not found: {root} is not a finished erw_fast latent dataset; "
-                                  "(re)run `python -m erw_fast.preprocess --out " + root + " ...`") from None
-        except json.JSONDecodeError as e:
-            raise CorruptShardError(f"{path} is not valid JSON ({e}); rerun preprocess to rewrite it") from e
-        if self.index.get("format") != FORMAT or int(self.index.get("version", 0)) > VERSION:
-            raise LatentDataError(f"{path}: format {self.index.get('format')!r} version {self.index.get('version')} "
-                                  f"is not {FORMAT!r} version <= {VERSION}")
-        fix = f"; delete that shard's files and rerun `python -m erw_fast.preprocess --out {root} ...` to redo it"
-        self.moments_mm: List[np.ndarray] = []
-        self.images_mm: List[Optional[np.ndarray]] = []
-        labels = []
-        counts = []
-        for entry in self.index["shards"]:
-            stem = os.path.join(root, entry["name"])
-            mom = open_npy(stem + ".moments.npy", "moments shard", fix)
-            lab = open_npy(stem + ".labels.npy", "labels shard", fix)
-            img = open_npy(stem + ".images.npy", "images shard", fix)
-            n = int(entry["count"])
-            for arr, field in ((mom, "moments"), (lab, "labels"), (img, "images")):
-                if arr.shape[0] != n:
-                    raise LabelCountError(
-                        f"{stem}.{field}.npy holds {arr.shape[0]} samples but the index says {n} "
-                        f"(moments {mom.shape[0]}, labels {lab.shape[0]}, images {img.shape[0]}){fix}")
-            if tuple(mom.shape[1:]) != tuple(self.index["moments_shape"]):
-                raise CorruptShardError(f"{stem}.moments.npy has per-sample shape {tuple(mom.shape[1:])}, "
-                                        f"the index says {tuple(self.index['moments_shape'])}{fix}")
-            if tuple(img.shape[1:]) != tuple(self.index["image_shape"]):
-                raise CorruptShardError(f"{stem}.images.npy has per-sample shape {tuple(img.shape[1:])}, "
-                                        f"the index says {tuple(self.index['image_shape'])}{fix}")
-            self.moments_mm.append(mom)
-            self.images_mm.append(img)
-            labels.append(np.asarray(lab, dtype=np.int64))
-            counts.append(n)
-        total = int(sum(counts))
-        if total != int(self.index["count"]):
-            raise LabelCountError(f"{path}: count {self.index['count']} but the shards hold {total} samples")
-        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.num_classes = int(self.index["num_classes"])
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= self.num_classes):
-            raise LatentDataError(f"{root}: labels outside 0..{self.num_classes - 1}")
-        self.moments_shape = tuple(self.index["moments_shape"])
-        self.image_shape = tuple(self.index["image_shape"])
-        self.scale = float(self.index.get("scale", SD_VAE_SCALE))
-
-    def __len__(self):
-        return int(self.offsets[-1])
-
-    def _gather(self, arrays, idx, shape, dtype):
-        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"sample index out of range 0..{len(self) - 1}")
-        out = np.empty((len(idx),) + tuple(shape), dtype=dtype)
-        shard = np.searchsorted(self.offsets, idx, side="right") - 1
-        for s in np.unique(shard):
-            sel = np.nonzero(shard == s)[0]
-            local = idx[sel] - self.offsets[s]
-            order = np.argsort(local, kind="stable")     # sorted reads from the memory map
-            out[sel[order]] = arrays[s][local[order]]
-        return out
-
-    def moments(self, idx) -> np.ndarray:
-        """(n, 2C, h, w) float16: posterior mean ‖ std."""
-        return self._gather(self.moments_mm, idx, self.moments_shape, np.float16)
-
-    def images(self, idx) -> np.ndarray:
-        """(n, 3, H, W) uint8."""
-        return self._gather(self.images_mm, idx, self.image_shape, np.uint8)
-
-
-# --------------------------------------------------------------------------------------------
-# REPA's layout
-# --------------------------------------------------------------------------------------------
-def _list_files(folder: str, exts) -> List[str]:
-    out = []
-    for dirpath, _dirs, files in os.walk(folder):
-        for fn in files:
-            if fn.lower().endswith(exts):
-                out.append(os.path.relpath(os.path.join(dirpath, fn), folder).replace(os.sep, "/"))
-    return sorted(out)
-
-
-class RepaLayout:
-    """REPA's preprocessed ImageNet: ``images/**.png`` + ``vae-sd/**.npy`` (mean ‖ std per image) +
-    ``vae-sd/dataset.json`` (``{"labels": [[file, label], ...]}``), paired in sorted order."""
-
-    layout = "repa"
-
-    def __init__(self, root: str):
-        self.root = root
-        self.images_dir = os.path.join(root, "images")
-        self.features_dir = os.path.join(root, "vae-sd")
-        for d in (self.images_dir, self.features_dir):
-            if not os.path.isdir(d):
-                raise LatentDataError(f"REPA layout: folder {d} is missing (expected images/ and vae-sd/ under {root})")
-        self.feature_files = _list_files(self.features_dir, (".npy",))
-        self.image_files = _list_files(self.images_dir, IMAGE_EXTS)
-        if not self.feature_files:
-            raise LatentDataError(f"REPA layout: no .npy files under {self.features_dir}")
-        if len(self.image_files) != len(self.feature_files):
-            raise LabelCountError(f"REPA layout: {len(self.image_files)} images under {self.images_dir} but "
-                                  f"{len(self.feature_files)} latent files under {self.features_dir}")
-        meta = None
-        for cand in (os.path.join(self.features_dir, "dataset.json"), os.path.join(root, "dataset.json"),
-                     os.path.join(self.images_dir, "dataset.json")):
-            if os.path.isfile(cand):
-                meta = cand
-                break
-        if meta is None:
-            raise LatentDataError(f"REPA layout: no dataset.json (labels) in {self.features_dir} or {root}")
-        with open(meta) as f:
-            raw = json.load(f).get("labels")
-        if raw is None:
-            raise LatentDataError(f"{meta}: has no 'labels' (an unconditional dataset); class labels are required")
-        if len(raw) != len(self.feature_files):
-            raise LabelCountError(f"{meta} lists {len(raw)} labels but {self.features_dir} holds "
-                                  f"{len(self.feature_files)} latent files")
-        table = {str(k).replace("\\", "/"): int(v) for k, v in raw}
-        missing = [fn for fn in self.feature_files if fn not in table]
-        if missing and all(fn in table for fn in self.image_files):
-            self.labels = np.array([table[fn] for fn in self.image_files], np.int64)
-        elif missing:
-            raise LabelCountError(f"{meta} has no label for {len(missing)} latent files, e.g. {missing[0]}")
-        else:
-            self.labels = np.array([table[fn] for fn in self.feature_files], np.int64)
-        self.num_classes = int(self.labels.max()) + 1
-        first = self._load_moments(0)
-        self.moments_shape = tuple(first.shape)
-        self.image_shape = tuple(self._load_image(0).shape)
-        self.scale = SD_VAE_SCALE
-
-    def __len__(self):
-        return len(self.feature_files)
-
-    def _load_moments(self, i):
-        path = os.path.join(self.features_dir, self.feature_files[i])
-        check_npy(path, "REPA latent file")
-        a = np.load(path)
-        while a.ndim > 3 and a.shape[0] == 1:
-            a = a[0]
-        return a
-
-    def _load_image(self, i):
-        from PIL import Image
-
-        path = os.path.join(self.images_dir, self.image_files[i])
-        with Image.open(path) as im:
-            a = np.asarray(im.convert("RGB"))
-        return a.transpose(2, 0, 1)
-
-    def moments(self, idx) -> np.ndarray:
-        return np.stack([self._load_moments(int(i)) for i in np.asarray(idx).reshape(-1)]).astype(np.float16)
-
-    def images(self, idx) -> np.ndarray:
-        return np.stack([self._load_image(int(i)) for i in np.asarray(idx).reshape(-1)])
-
-
-def open_latents(root: str):
-    """The reader for ``root``: erw_fast shards (``index.json``) or REPA's layout (``vae-sd/``)."""
-    if not os.path.isdir(root):
-        raise LatentDataError(f"latent dataset folder {root!r} not found; make one with "
-                              "`python -m erw_fast.preprocess --images DIR --out " + str(root) + "`")
-    if os.path.isfile(os.path.join(root, "index.json")):
-        return LatentShards(root)
-    if os.path.isdir(os.path.join(root, "vae-sd")):
-        return RepaLayout(root)
-    if any(n.startswith("shard-") for n in os.listdir(root)):
-        raise LatentDataError(f"{root} holds shards but no index.json: preprocessing did not finish; rerun "
-                              "`python -m erw_fast.preprocess` with the same --out to complete it")
-    raise LatentDataError(f"{root} is neither an erw_fast latent dataset (index.json) nor REPA's layout "
-                          "(images/ + vae-sd/); make one with `python -m erw_fast.preprocess`")
-
-
-# --------------------------------------------------------------------------------------------
-# torch-facing views
-# --------------------------------------------------------------------------------------------
 class LatentDataset(torch.utils.data.Dataset):
     """Map-style dataset: ``(latent (C, h, w) float32, image (3, H, W) uint8, label int64)``.
 
@@ -327,14 +52,15 @@ class LatentDataset(torch.utils.data.Dataset):
 
 
 class LatentData:
-    """What the training engine needs from a latent dataset (the digits ``DataInfo`` fields plus the
-    raw encoder images).
+    """A latent dataset as the training engine reads it (the ``erw_fast.data.TrainData`` protocol).
 
-    Fields: ``labels`` (N,) int64, ``input_size`` (latent side), ``channels`` (latent channels),
-    ``num_classes``, ``image_size`` (raw image side), ``scale``, ``is_latent = True``.
-    ``batch(idx, eps, device, with_images)`` → ``(latents (B, C, h, w) float32, labels, encoder_images
-    (B, 3, H, W) uint8 or None)``; ``posterior_noise(seed, step, sample_ids)`` → per-sample seeded ε;
-    ``features`` (set by ``attach_features``) → ``[FeatureStore]`` for ``--features precomputed``.
+    Fields: ``labels`` (N,) int64, ``num_samples`` (N), ``input_size`` (latent side), ``channels``
+    (latent channels), ``num_classes``, ``image_size`` (raw image side), ``scale``, ``root``,
+    ``is_latent = True``.
+    ``batch(idx, seed, step, sample_ids, with_pixels)`` → ``(latents (B, C, h, w) float32, labels,
+    encoder images (B, 3, H, W) uint8 or None)`` with ε seeded per (seed, step, sample id);
+    ``read(idx, eps, device, with_images)`` is the same from a given ε; ``posterior_noise(seed, step,
+    sample_ids)`` → that seeded ε.
     """
 
     is_latent = True
@@ -351,9 +77,12 @@ class LatentData:
         self.image_size = int(self.store.image_shape[-1])
         self.num_classes = self.store.num_classes
         self.scale = self.store.scale
-        self.features = None
 
     def __len__(self):
+        return len(self.labels)
+
+    @property
+    def num_samples(self) -> int:
         return len(self.labels)
 
     @property
@@ -361,13 +90,11 @@ class LatentData:
         return (self.channels, self.input_size, self.input_size)
 
     def posterior_noise(self, seed: int, step: int, sample_ids: Sequence[int]) -> torch.Tensor:
-        """ε (B, C, h, w), each sample's draw seeded by (seed, POSTERIOR_STREAM, step, sample id) — the
+        """ε (B, C, h, w), each sample's draw seeded by (seed, STREAM_POSTERIOR, step, sample id) — the
         engine's convention (``mix_seed``), so the draws do not depend on how the batch is split."""
-        from ..engine.utils import mix_seed
-
         out = torch.empty((len(sample_ids),) + self.latent_shape)
         for r, i in enumerate(sample_ids):
-            g = torch.Generator().manual_seed(mix_seed(seed, POSTERIOR_STREAM, step, int(i)))
+            g = torch.Generator().manual_seed(mix_seed(seed, STREAM_POSTERIOR, step, int(i)))
             out[r] = torch.randn(self.latent_shape, generator=g)
         return out
 
@@ -375,7 +102,8 @@ class LatentData:
         x = torch.from_numpy(self.store.images(np.asarray(idx)))
         return x.to(device, non_blocking=True) if device is not None else x
 
-    def batch(self, idx, eps: torch.Tensor, device=None, with_images: bool = True):
+    def read(self, idx, eps: torch.Tensor, device=None, with_images: bool = True):
+        """(latents ``(mean + std · eps) · scale``, labels, encoder images or None) of samples ``idx``."""
         idx = np.asarray(idx.cpu() if torch.is_tensor(idx) else idx, dtype=np.int64)
         mom = torch.from_numpy(self.store.moments(idx))
         if device is not None:
@@ -384,6 +112,11 @@ class LatentData:
         y = self.labels[torch.from_numpy(idx)]
         imgs = self.encoder_images(idx, device) if with_images else None
         return z, (y.to(device) if device is not None else y), imgs
+
+    def batch(self, idx, seed: int, step: int, sample_ids: Sequence[int], with_pixels: bool = True):
+        """The training batch of step ``step`` on the host: ``read`` with ε from ``posterior_noise``."""
+        eps = self.posterior_noise(seed, step, sample_ids)
+        return self.read(idx, eps, None, with_images=with_pixels)
 
     def sample_classes(self, max_rows: int = 8) -> List[int]:
         """Classes for a training-time sample grid: all when few, else ``max_rows`` spread evenly."""
@@ -401,28 +134,14 @@ class LatentData:
         vae = getattr(self.store, "index", {}).get("vae") if hasattr(self.store, "index") else None
         if vae and not vae.startswith("repa:"):
             try:
-                from ..preprocess import load_vae
-
                 self._vae = load_vae(vae, device or "cpu")
             except Exception:
                 self._vae = None
         return self._vae
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> Optional[torch.Tensor]:
         """Scaled latents (B, C, h, w) → images (B, 3, H, W) in [-1, 1], or None without a decoder."""
         vae = self.decoder(latents.device)
         if vae is None:
             return None
-        p = next(vae.parameters())
-        return vae.decode(latents.to(p.device, p.dtype) / self.scale).sample.float().clamp(-1, 1)
-
-    def attach_features(self, encoder_names: Sequence[str]):
-        from ..extract_features import FeatureStore
-
-        self.features = [FeatureStore(self.root, n, expected_count=len(self)) for n in encoder_names]
-        return self.features
-
-
-def load_latent_data(root: str) -> LatentData:
-    return LatentData(root)
+        return decode_latents(vae, latents, self.scale)
