@@ -25,8 +25,8 @@ Outputs: ``--out`` holds the runs, ``results.jsonl`` (one line per evaluated che
 skips what is there and resumes unfinished runs) and ``study.json``; ``--doc`` (default
 ``<out>/convergence.md``; ``docs/convergence.md`` with ``--update-docs``) gets the markdown report
 (tables, the compute ratios with their seed spread, the command) and ``--plot`` (default
-``<out>/convergence.png``) the PNG of FID and accuracy against training compute. Text between ``<!-- notes:start -->`` and
-``<!-- notes:end -->`` in an existing doc is kept when the doc is rewritten.
+``<out>/convergence.png``) the PNG of FID and accuracy against training compute. Text between
+``<!-- notes:start -->`` and ``<!-- notes:end -->`` in an existing doc is kept when the doc is rewritten.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 from .data.vae import DEFAULT_VAE
 from .sampling import SAMPLERS
-from .sampling.generate import PRECISIONS, sample_checkpoint
+from .sampling.generate import PRECISION_CHOICES, sample_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class", dest="classes", default=None, help="class id or comma list (default: all, cycled)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64, help="per process")
-    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="auto (default): bf16 autocast + TF32 on CUDA, fp32 on CPU; fp32 opts out; bf16-autocast "
+                   "forces autocast; bf16/fp16 cast the weights")
     p.add_argument("--device", default=None, help="default: cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu")
     p.add_argument("--vae", default=DEFAULT_VAE,
                    help="SD-VAE for latent models: folder or hub id (the one the latents were made with; "

@@ -303,3 +303,40 @@ def test_png_values_and_errors(tmp_path):
         make_grid(np.zeros((2, 1, 4, 4)), nrow=0)
     with pytest.raises(ValueError):
         make_grid(np.zeros((4, 4)), nrow=1)
+
+
+def test_per_sample_noise_is_unchanged_and_moves_in_one_transfer():
+    """Each SDE step's noise: sample i's draw is the old per-sample draw, bit for bit, and the batch
+    goes to the device in one copy (the old code copied every sample separately)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from erw_fast.sampling.samplers import _randn
+    from erw_fast.utils.seeding import index_generator
+
+    shape = (5, 1, 4, 4)
+    old = torch.stack([torch.randn(shape[1:], generator=index_generator(7, i)) for i in range(5)])
+    new = _randn(shape, [index_generator(7, i) for i in range(5)], "cpu", torch.float32)
+    assert torch.equal(new, old)
+
+    class Copies(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default:
+                Copies.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Copies():
+        out = _randn(shape, [index_generator(7, i) for i in range(5)], "meta", torch.float32)
+    assert out.device.type == "meta" and Copies.n == 1
+
+
+def test_sampling_precision_defaults():
+    from erw_fast.sampling.generate import sampling_precision
+
+    assert sampling_precision("auto", "cpu") == (torch.float32, None)
+    assert sampling_precision("fp32", "cuda") == (torch.float32, None)
+    assert sampling_precision("bf16-autocast", "cpu") == (torch.float32, torch.bfloat16)
+    assert sampling_precision("bf16", "cpu") == (torch.bfloat16, None)
+    with pytest.raises(ValueError, match="--precision"):
+        sampling_precision("fp8", "cpu")

@@ -204,8 +204,6 @@ def _set_grid(model: nn.Module, kind: str, grid: int) -> None:
 class DINOv2Encoder(TargetEncoder):
     """TargetEncoder over a DINOv2 ViT: raw pixels (B, 3, H, W) in [0, 255] → patch tokens (B, G², C)."""
 
-    raw_pixels = True  # the batch must provide the raw uint8 image (``encoder_images``)
-
     def __init__(self, model: nn.Module, kind: str, patch_size: int, dim: int, token_grid: int, name: str,
                  num_prefix_tokens: int = 1):
         super().__init__()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -30,6 +30,22 @@ __all__ = ["PRECISIONS", "parse_interval", "parse_classes", "labels_for_indices"
            "check_request", "sample_checkpoint"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISION_CHOICES = ("auto", "fp32", "bf16-autocast") + tuple(p for p in PRECISIONS if p != "fp32")
+
+
+def sampling_precision(precision: str, device) -> Tuple[torch.dtype, Optional[torch.dtype]]:
+    """(weight dtype, autocast dtype or None). ``auto``: bf16 autocast with fp32 weights and TF32 matmuls
+    on CUDA (normalisations stay fp32), plain fp32 elsewhere; ``fp32`` opts out; ``bf16``/``fp16``
+    cast the weights."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"--precision {precision!r}: choose one of {', '.join(PRECISION_CHOICES)}")
+    cuda = torch.device(device).type == "cuda"
+    if precision == "bf16-autocast" or (precision == "auto" and cuda):
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return torch.float32, torch.bfloat16
+    return PRECISIONS.get(precision, torch.float32), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,7 +110,7 @@ def check_request(num_samples: int, steps: int, batch_size: int, cfg_scale: floa
 # --------------------------------------------------------------------------------------------
 def load_model(ckpt: str, which: str = "ema", device="cpu", precision: str = "fp32"):
     model = load_checkpoint(ckpt, which=which)
-    return model.to(device=device, dtype=PRECISIONS[precision]).eval()
+    return model.to(device=device, dtype=sampling_precision(precision, device)[0]).eval()
 
 
 class LatentDecoder:
@@ -112,7 +128,8 @@ class LatentDecoder:
             ) from e
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self.vae, z)
+        with torch.autocast(device_type=z.device.type, enabled=False):  # the VAE decodes in its own dtype
+            return decode_latents(self.vae, z.float())
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,7 +238,7 @@ def _ranks(rank: Optional[int], world_size: Optional[int], device: Optional[str]
 def sample_checkpoint(ckpt: str, num_samples: int, out: str, *, weights: str = "ema", sampler: str = "sde",
                       steps: int = 250, cfg_scale: float = 1.0, guidance_interval="0,1",
                       classes: Optional[str] = None, seed: int = 0, batch_size: int = 64,
-                      precision: str = "fp32", device: Optional[str] = None, vae: str = DEFAULT_VAE,
+                      precision: str = "auto", device: Optional[str] = None, vae: str = DEFAULT_VAE,
                       grid_per_class: int = 8, png: bool = True, show_progress: bool = True,
                       rank: Optional[int] = None, world_size: Optional[int] = None) -> dict:
     """Sample ``num_samples`` images from ``ckpt`` into ``out`` (``.npz`` path or folder).
@@ -244,9 +261,11 @@ def sample_checkpoint(ckpt: str, num_samples: int, out: str, *, weights: str = "
     npz_path, png_path = output_paths(out)
 
     indices = list(range(d.rank, num_samples, d.world))
-    arr, labels = generate(model, indices, shape, class_ids, seed=seed, sampler=sampler, steps=steps,
-                           cfg_scale=cfg_scale, guidance_interval=interval, batch_size=batch_size,
-                           decoder=decoder, show_progress=(d.rank == 0 and show_progress))
+    autocast = sampling_precision(precision, d.device)[1]
+    with torch.autocast(device_type=d.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        arr, labels = generate(model, indices, shape, class_ids, seed=seed, sampler=sampler, steps=steps,
+                               cfg_scale=cfg_scale, guidance_interval=interval, batch_size=batch_size,
+                               decoder=decoder, show_progress=(d.rank == 0 and show_progress))
     if d.world > 1:
         shard = write_shard(npz_path, d.rank, d.world, indices, arr, labels)
         if using_dist:

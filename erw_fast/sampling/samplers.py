@@ -48,7 +48,11 @@ def time_grid(sampler: str, steps: int) -> torch.Tensor:
 
 
 def _randn(shape, generator, device, dtype) -> torch.Tensor:
-    """Standard normal noise of ``shape`` (B, ...) from one generator or a list of B generators."""
+    """Standard normal noise of ``shape`` (B, ...) from one generator or a list of B generators.
+
+    Per-sample generators live on the CPU (sample i depends only on (seed, i)); their draws are
+    stacked on the host and moved to ``device`` in ONE transfer (pinned, non-blocking on CUDA), not
+    one copy per sample."""
     if generator is None:
         return torch.randn(shape, device=device, dtype=dtype)
     if isinstance(generator, torch.Generator):
@@ -57,8 +61,10 @@ def _randn(shape, generator, device, dtype) -> torch.Tensor:
     gens = list(generator)
     if len(gens) != shape[0]:
         raise ValueError(f"got {len(gens)} generators for a batch of {shape[0]}")
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype).to(device)
-                        for g in gens])
+    host = torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in gens])
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def sample_noise(indices: Sequence[int], shape: Sequence[int], seed: int, device="cpu",
