@@ -50,6 +50,40 @@ def test_fused_triton_path_matches_repa_reference(ref):
     _assert_matches_reference(_ref_model(ref, fused="triton"), ref)
 
 
+def test_fused_setting_follows_ops_resolver(ref, monkeypatch):
+    """The blocks ask erw_fast.ops.resolve_fused per call, with the device of the call's tensors."""
+    import erw_fast.ops as ops
+
+    seen = []
+    real = ops.resolve_fused
+
+    def spy(setting, device):
+        seen.append((setting, device))
+        return real(setting, device)
+
+    monkeypatch.setattr(ops, "resolve_fused", spy)
+    for setting in ops.FUSED_SETTINGS:
+        model = _ref_model(ref, fused=setting)
+        assert model.fused is setting or model.fused == setting
+        seen.clear()
+        with torch.no_grad():
+            model(ref["x"], ref["t"], ref["y"])
+        assert seen and all(s == setting and d == ref["x"].device for s, d in seen), setting
+        expect = real(setting, ref["x"].device) or None
+        assert all(b._backend_for(ref["x"]) == expect for b in model.blocks)
+    with pytest.raises(ValueError, match="--fused"):
+        _ref_model(ref, fused="on")
+
+
+def test_fused_default_and_auto_are_the_plain_path_on_cpu(ref):
+    plain = _ref_model(ref, fused=False)
+    with torch.no_grad():
+        want = plain(ref["x"], ref["t"], ref["y"])[0]
+        for setting in (None, "auto"):
+            got = _ref_model(ref, fused=setting)(ref["x"], ref["t"], ref["y"])[0]
+            assert torch.equal(got, want), setting
+
+
 def test_state_dict_keys_are_repas(ref):
     for kw in ({}, {"use_rope": True}):
         model = SiT(**{**ref["config"], **kw})
@@ -195,6 +229,21 @@ def test_registry_builds_every_size():
     assert 674e6 < backbone < 676e6
 
 
+def test_registry_is_architecture_only_with_repas_encoder_depth_default():
+    """SIZES holds depth/hidden/heads only; the alignment block is a training choice (the engine's
+    MODEL_DEFAULTS). Registry models get REPA's SiT constructor default, 8, clipped to the depth."""
+    for arch in SIZES.values():
+        assert set(arch) == {"depth", "hidden_size", "num_heads"}
+    for name, make in SiT_models.items():
+        size = name.split("-")[1].split("/")[0]
+        with torch.device("meta"):
+            assert make().encoder_depth == min(8, SIZES[size]["depth"]), name
+    with torch.device("meta"):
+        assert SiT_models["SiT-XL/2"](encoder_depth=14).encoder_depth == 14  # the ERW XL recipe, passed in
+        assert SiT_models["SiT-B/2"](depth=3).encoder_depth == 3  # clipped to an overridden depth
+        assert SiT_models["SiT-T/2"]().encoder_depth == 6
+
+
 def test_small_configs_run():
     for name in ("SiT-S/2", "SiT-T/2"):
         model = build_model(name, input_size=8, num_classes=5, z_dims=[16], projector_dim=32).eval()
@@ -291,6 +340,24 @@ def test_unavailable_backends_raise(monkeypatch):
     with pytest.raises(RuntimeError, match="flash"):
         SiT(input_size=8, hidden_size=64, num_heads=4, depth=1, encoder_depth=1, attn_backend="flash")
     attn_mod.xformers_usable.cache_clear()
+
+
+def test_xformers_probe_runs_at_construction_not_in_forward(monkeypatch):
+    """The block keeps the probe's answer; the (compiled) forward hands it to attention()."""
+    calls = []
+    monkeypatch.setattr(attn_mod, "xformers_usable", lambda: calls.append(1) or False)
+    import erw_fast.models.sit as sit_mod
+
+    monkeypatch.setattr(sit_mod, "xformers_usable", attn_mod.xformers_usable)
+    auto = sit_mod.Attention(16, 2, backend="auto")
+    sdpa = sit_mod.Attention(16, 2, backend="sdpa")
+    assert calls == [1] and auto.xformers_ok is False and sdpa.xformers_ok is False
+    monkeypatch.setattr(attn_mod, "xformers_usable", lambda: pytest.fail("probed during forward"))
+    x = torch.randn(2, 5, 16)
+    torch.compile(auto, fullgraph=True, backend="eager")(x)
+    auto(x)
+    q, k, v = _qkv()
+    attn_mod.attention(q, k, v, "auto", xformers_ok=False)
 
 
 def test_flash_rejects_unqualified_inputs(monkeypatch):

@@ -4,6 +4,7 @@ import torch
 
 import erw_fast.kernels as K
 import erw_fast.ops as ops
+from erw_fast.ops import _dispatch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -103,6 +104,6 @@ def test_launcher_multi_tile_writes_every_element():
 @pytest.mark.skipif(DEV != "cpu", reason="interpreter check only matters on CPU")
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     x, gate, y, _ = _inputs(1, 3, 72, torch.float32, torch.float32, torch.float32)
-    monkeypatch.setattr(ops, "_interpreter_enabled", lambda op: False)
+    monkeypatch.setattr(_dispatch, "_interpreter_enabled", lambda op: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         ops.gated_residual(x, gate, y, backend="triton")

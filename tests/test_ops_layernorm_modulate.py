@@ -4,6 +4,7 @@ import torch
 
 import erw_fast.kernels as K
 import erw_fast.ops as ops
+from erw_fast.ops import _dispatch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -117,14 +118,14 @@ def test_launcher_writes_every_element():
 @pytest.mark.skipif(DEV != "cpu", reason="interpreter check only matters on CPU")
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     x, shift, scale, _ = _inputs(1, 3, 72, torch.float32, torch.float32)
-    monkeypatch.setattr(ops, "_interpreter_enabled", lambda op: False)
+    monkeypatch.setattr(_dispatch, "_interpreter_enabled", lambda op: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         ops.layernorm_modulate(x, shift, scale, backend="triton")
 
 
 def test_triton_unavailable_raises_and_auto_falls_back(monkeypatch):
     x, shift, scale, _ = _inputs(1, 3, 72, torch.float32, torch.float32)
-    monkeypatch.setattr(ops, "_TRITON_OK", False)
+    monkeypatch.setattr(_dispatch, "_TRITON_OK", False)
     assert not ops.triton_available()
     with pytest.raises(RuntimeError, match="not importable"):
         ops.layernorm_modulate(x, shift, scale, backend="triton")

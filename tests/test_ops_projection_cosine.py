@@ -5,6 +5,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import erw_fast.kernels as K
 import erw_fast.ops as ops
+from erw_fast.ops import _dispatch
+from erw_fast.ops.projection_cosine import _cos_rows_torch
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float64: 1e-10}
@@ -105,7 +107,7 @@ def test_row_kernel_in_place_and_multi_program():
     g = torch.Generator().manual_seed(4)
     z = torch.randn(37, 100, generator=g).to(DEV)
     t = torch.randn(37, 100, generator=g).to(DEV)
-    ref_loss, ref_dz = ops._cos_rows_torch(z.double(), t.double(), 0.5)
+    ref_loss, ref_dz = _cos_rows_torch(z.double(), t.double(), 0.5)
     loss, dz = cosine_loss_grad_rows(z.clone(), t, 0.5, block_r=4)  # 10 programs, new dz buffer
     assert rel(loss, ref_loss) < 1e-6 and rel(dz, ref_dz) < 1e-6
     zz = z.clone()
@@ -170,7 +172,7 @@ def test_default_chunk_is_bounded():
 @pytest.mark.skipif(DEV != "cpu", reason="interpreter check only matters on CPU")
 def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
     h, w, b, t = _inputs(8, 16, 8, *DTYPES["fp32"])
-    monkeypatch.setattr(ops, "_interpreter_enabled", lambda op: False)
+    monkeypatch.setattr(_dispatch, "_interpreter_enabled", lambda op: False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         ops.projection_cosine_loss(h, w, b, t, backend="triton")
 

@@ -6,8 +6,11 @@ Every backend takes ``q, k, v`` in the layout the block produces, ``(B, H, N, Dh
 ``resolve_backend(name)`` runs once, when a block is built: it checks that an explicitly
 requested backend can run here and raises a clear error otherwise. ``auto`` prefers flash-attn
 when it is importable and the call's inputs qualify (CUDA, fp16/bf16, supported head dim), then
-xformers if a one-time probe shows its kernel really runs, else SDPA. The choice for a given
-input is made from static properties only (device, dtype, shape), so it is torch.compile-safe.
+xformers if a one-time probe shows its kernel really runs, else SDPA. The xformers probe
+(``xformers_usable``) runs when a block is built, outside any compiled region, and the block keeps its
+answer (``Attention.xformers_ok``) and hands it to ``attention``; so a compiled forward never traces
+the probe. The choice for a given input is made from static properties only (device, dtype, shape),
+so it is torch.compile-safe.
 """
 from __future__ import annotations
 
@@ -104,8 +107,12 @@ def xformers_attention(q, k, v, scale: float):
     return out.transpose(1, 2)
 
 
-def attention(q, k, v, backend: str, scale: float | None = None):
-    """Dispatch one attention call. ``backend`` was validated by ``resolve_backend``."""
+def attention(q, k, v, backend: str, scale: float | None = None, xformers_ok: bool | None = None):
+    """Dispatch one attention call. ``backend`` was validated by ``resolve_backend``.
+
+    ``xformers_ok``: the result of ``xformers_usable()`` probed earlier (blocks probe when built, so
+    compiled code never runs the probe); None probes here (cached), for direct calls.
+    """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if backend == "math":
@@ -124,6 +131,6 @@ def attention(q, k, v, backend: str, scale: float | None = None):
     # auto
     if flash_attn_func is not None and flash_qualifies(q):
         return flash_attention(q, k, v, scale)
-    if q.is_cuda and xformers_usable():
+    if q.is_cuda and (xformers_usable() if xformers_ok is None else xformers_ok):
         return xformers_attention(q, k, v, scale)
     return sdpa_attention(q, k, v, scale)

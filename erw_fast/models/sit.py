@@ -24,9 +24,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .attention import attention, resolve_backend
+from .. import ops
+from .attention import attention, resolve_backend, xformers_usable
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +195,8 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.backend = resolve_backend(backend)
+        # probed once here, outside any compiled region; the auto dispatch reads the stored answer
+        self.xformers_ok = self.backend == "auto" and xformers_usable()
 
     def forward(self, x, rope=None):
         B, N, C = x.shape
@@ -204,7 +206,7 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        x = attention(q, k, v, self.backend, self.scale)
+        x = attention(q, k, v, self.backend, self.scale, xformers_ok=self.xformers_ok)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -227,41 +229,29 @@ class Mlp(nn.Module):
 
 
 class _FusedMixin:
-    """Shared dispatch between the fused Triton ops and the plain PyTorch expressions.
+    """Shared dispatch between the fused ops and the plain PyTorch expressions.
 
-    ``fused_mode``: None = fused ops when the tensors are on CUDA and Triton is importable;
-    False = plain PyTorch; "auto" / "triton" / "torch" = always the custom op with that backend.
-    The decision uses only static tensor properties, so it is safe under torch.compile.
+    ``fused_mode`` is the model's fused setting (None, True, False, "auto", "triton", "torch"),
+    turned into "plain PyTorch or which backend" by ``erw_fast.ops.resolve_fused`` for the device of
+    each call's tensors (so a model built on CPU and moved to CUDA gets the fused ops with the
+    default None).  The decision uses only static tensor properties, so it is safe under torch.compile.
     """
 
     fused_mode = None
 
     def _backend_for(self, x):
-        mode = self.fused_mode
-        if mode is False:
-            return None
-        if mode is None:
-            if not x.is_cuda:
-                return None
-            from .. import ops
-
-            return "auto" if ops.triton_available() else None
-        return mode
+        return ops.resolve_fused(self.fused_mode, x.device) or None
 
     def _norm_modulate(self, norm, x, shift, scale):
         backend = self._backend_for(x)
         if backend is None:
             return modulate(norm(x), shift, scale)
-        from .. import ops
-
         return ops.layernorm_modulate(x, shift, scale, eps=norm.eps, backend=backend)
 
     def _gated_residual(self, x, gate, y):
         backend = self._backend_for(x)
         if backend is None:
             return x + gate.unsqueeze(1) * y
-        from .. import ops
-
         return ops.gated_residual(x, gate, y, backend=backend)
 
 
@@ -401,17 +391,17 @@ class SiT(nn.Module):
         nn.init.constant_(self.final_layer.linear.bias, 0)
 
     def set_fused(self, fused=None):
-        """Choose the fused-op path: None (auto: fused on CUDA with Triton), True, False, or a backend."""
-        if fused is True:
-            mode = "auto"
-        elif fused is None or fused is False or fused in ("auto", "triton", "torch"):
-            mode = fused
-        else:
-            raise ValueError(f"fused={fused!r}: use None, True, False, 'auto', 'triton' or 'torch'")
+        """Choose the fused-op path (``erw_fast.ops.resolve_fused`` decides per call's device):
+        None / "auto" = fused ops for CUDA tensors when Triton imports, plain PyTorch otherwise;
+        True = the custom ops with backend "auto"; False = plain PyTorch; "triton" / "torch" = the
+        custom ops with that backend."""
+        ops.check_fused(fused)
+        if (fused is None or fused == "auto") and torch.cuda.is_available():
+            ops.triton_available()  # probe now, outside any compiled region (cached afterwards)
         self.fused = fused
         for m in self.modules():
             if isinstance(m, _FusedMixin):
-                m.fused_mode = mode
+                m.fused_mode = fused
 
     # ---- checks ------------------------------------------------------------------------------
     def check_inputs(self, x, t, y):
@@ -528,22 +518,27 @@ class SiT(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
-# Registry: REPA's sizes (depth / hidden / heads), plus a tiny config for CPU work.
-# encoder_depth is only a default (REPA's recommendation: 4 for S/B, 8 for L/XL); pass your own.
+# Registry: REPA's sizes (depth / hidden / heads), plus tiny configs for CPU work.  Architecture
+# only: the alignment block ``encoder_depth`` is a training choice (ERW's per-size recipe lives in
+# erw_fast.engine.config.MODEL_DEFAULTS); registry models get REPA's constructor default (8, clipped
+# to the model's depth) unless ``encoder_depth=`` is passed.
 # --------------------------------------------------------------------------------------------
 SIZES = {
-    "D": dict(depth=4, hidden_size=96, num_heads=2, encoder_depth=2),   # ours: the digits default on CPU
-    "T": dict(depth=6, hidden_size=192, num_heads=3, encoder_depth=2),  # ours: tiny, for CPU work
-    "S": dict(depth=12, hidden_size=384, num_heads=6, encoder_depth=4),
-    "B": dict(depth=12, hidden_size=768, num_heads=12, encoder_depth=4),
-    "L": dict(depth=24, hidden_size=1024, num_heads=16, encoder_depth=8),
-    "XL": dict(depth=28, hidden_size=1152, num_heads=16, encoder_depth=8),
+    "D": dict(depth=4, hidden_size=96, num_heads=2),   # ours: the digits default on CPU
+    "T": dict(depth=6, hidden_size=192, num_heads=3),  # ours: tiny, for CPU work
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
+DEFAULT_ENCODER_DEPTH = 8  # REPA's SiT constructor default (and its train.py --encoder-depth)
 
 
 def _factory(size: str, patch: int):
     def make(**kwargs):
-        cfg = dict(SIZES[size], patch_size=patch, decoder_hidden_size=SIZES[size]["hidden_size"])
+        arch = SIZES[size]
+        cfg = dict(arch, patch_size=patch, decoder_hidden_size=arch["hidden_size"],
+                   encoder_depth=min(DEFAULT_ENCODER_DEPTH, kwargs.get("depth", arch["depth"])))
         cfg.update(kwargs)
         return SiT(**cfg)
 
