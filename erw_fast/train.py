@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .engine import NonFiniteLossError, RunFolderError, TrainConfig, train
+from .engine import TrainConfig, train
 from .engine.config import DATA_DEFAULTS, MODEL_DEFAULTS
+from .utils.cli import EXIT_OK, add_debug_flag, run_cli
 from .utils.distributed import shutdown
 
 
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {d['cfg_scale']} on digits)")
     g.add_argument("--samples-per-class", type=int, help=f"grid columns (default {d['samples_per_class']})")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (messages and the final summary still print)")
+    add_debug_flag(p)
     return p
 
 
@@ -142,22 +144,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
 
 
-def main(argv=None) -> int:
+def exit_status(result) -> int:
+    """0 finished; 128+N stopped by signal N (checkpoint written, resume with --resume); 3 stopped by
+    --stop-after (a testing hook)."""
+    if result.status == "finished":
+        return EXIT_OK
+    if result.status == "interrupted" and result.signal is not None:
+        return 128 + int(result.signal)
+    return 3
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = train(config_from_args(args))
-    except (ValueError, FileNotFoundError, ImportError, RunFolderError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("aborted (no checkpoint written for the current step)", file=sys.stderr)
-        return 130
+        return exit_status(train(config_from_args(args)))
     finally:
         shutdown()
-    return 0 if result.status in ("finished", "interrupted", "stopped") else 1
+
+
+def main(argv=None) -> int:
+    """The command line: errors as one ``error: ...`` line (status 2; NaN stop 1), see ``exit_status``."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ not copied from the 400K-step ImageNet recipe.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -111,7 +112,8 @@ def model_size(name: str) -> str:
 
 
 def resolve_config(cfg: TrainConfig) -> TrainConfig:
-    """A copy of ``cfg`` with every ``None`` default filled in and every value checked."""
+    """A copy of ``cfg`` with every ``None`` default filled in and every value checked (each error
+    names its flag)."""
     c = dataclasses.replace(cfg)
     method = get_method(c.method)
     data_key = "digits" if c.data == "digits" else "latents"
@@ -127,18 +129,36 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
             setattr(c, k, v)
     if c.data != "digits" and c.encoder == "digits-cnn":
         c.encoder = "dinov2-vit-b"  # the embedded digits encoder cannot read ImageNet-style images
+    if c.lambda_schedule is None:
+        c.lambda_schedule = method.schedule
+    c.ckpt_at = tuple(sorted({int(v) for v in (c.ckpt_at or ())}))
+    if not method.warmup:
+        c.warmup_steps = 0
+    _check_choices(c)
+    _check_depths(c, method, depth)
+    _check_numbers(c)
+    _check_sampling(c)
+    return c
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_choices(c: TrainConfig):
     if c.features not in ("online", "precomputed"):
         raise ValueError(f"--features {c.features!r}: use 'online' or 'precomputed'")
     if c.features == "precomputed" and c.data == "digits":
         raise ValueError("--features precomputed needs a latent dataset (--data DIR with extract_features output)")
-    if c.lambda_schedule is None:
-        c.lambda_schedule = method.schedule
     if c.lambda_schedule not in SCHEDULE_KINDS:
         raise ValueError(f"unknown lambda schedule {c.lambda_schedule!r}; choose one of {SCHEDULE_KINDS}")
     if c.align_loss not in ALIGN_KINDS:
         raise ValueError(f"unknown alignment loss {c.align_loss!r}; choose one of {ALIGN_KINDS}")
     if c.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {c.precision!r}; choose one of {PRECISIONS}")
+
+
+def _check_depths(c: TrainConfig, method, depth: int):
     if not 1 <= c.encoder_depth <= depth:
         raise ValueError(f"--encoder-depth {c.encoder_depth} is outside 1..{depth} (the depth of {c.model})")
     if method.warmup:
@@ -149,16 +169,75 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
                 f"--encoder-depth {c.encoder_depth} is below --l2r-depth {c.l2r_depth}: the alignment block "
                 "must lie at or after the warmed-up region"
             )
-    for name in ("warmup_steps", "steps", "sample_every", "ckpt_every"):
+
+
+def _finite(c, name, low=None, high=None, low_open=False, high_open=False):
+    v = getattr(c, name)
+    ok = isinstance(v, (int, float)) and math.isfinite(v)
+    ok = ok and (low is None or (v > low if low_open else v >= low)) and (high is None or (v < high if high_open
+                                                                                            else v <= high))
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{_flag(name)} must be a finite number {' and '.join(x for x in (lo, hi) if x)}, got {v}")
+
+
+def _check_numbers(c: TrainConfig):
+    for name in ("warmup_steps", "steps", "sample_every", "ckpt_every", "prefetch"):
         if getattr(c, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(c, name)}")
-    if c.prefetch < 0:
-        raise ValueError(f"--prefetch must be >= 0, got {c.prefetch}")
-    c.ckpt_at = tuple(sorted({int(v) for v in (c.ckpt_at or ())}))
+            raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(c, name)}")
+    if c.steps == 0 and c.warmup_steps == 0:
+        raise ValueError("nothing to train: --steps 0 (and no warmup steps); give --steps N, or --warmup-steps N "
+                         "for a warmup-only ERW run")
+    for name in ("batch_size", "log_every"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(c, name)}")
+    if c.threads is not None and c.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {c.threads}")
     if any(v < 1 for v in c.ckpt_at):
         raise ValueError(f"--ckpt-at steps must be >= 1, got {c.ckpt_at}")
-    if c.batch_size < 1 or c.lr <= 0 or not 0 <= c.ema_decay < 1 or c.log_every < 1:
-        raise ValueError(f"bad optimisation settings: batch {c.batch_size}, lr {c.lr}, ema {c.ema_decay}")
-    if not method.warmup:
-        c.warmup_steps = 0
-    return c
+    _finite(c, "lr", 0, low_open=True)
+    _finite(c, "ema_decay", 0, 1, high_open=True)
+    _finite(c, "grad_clip", 0)
+    _finite(c, "lambda0", 0)
+    _finite(c, "class_dropout", 0, 1, high_open=True)
+    _finite(c, "temperature", 0, low_open=True)
+    if c.lambda_schedule == "halflife" or (c.lambda_schedule == "exp" and c.tau is None):
+        _finite(c, "half_life", 0, low_open=True)
+    if c.tau is not None:
+        _finite(c, "tau", 0, low_open=True)
+
+
+def _check_sampling(c: TrainConfig):
+    from ..sampling import SAMPLERS
+
+    if c.sampler not in SAMPLERS:
+        raise ValueError(f"--sampler {c.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    for name in ("sample_steps", "samples_per_class"):
+        if getattr(c, name) < 1:
+            raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(c, name)}")
+    _finite(c, "cfg_scale", 0)
+    _finite(c, "guidance_high", 0, 1, low_open=True)
+    if c.cfg_scale != 1.0 and c.class_dropout == 0:
+        raise ValueError(f"--cfg-scale {c.cfg_scale:g} needs a null class, but --class-dropout 0 trains none; "
+                         "use --class-dropout > 0 or --cfg-scale 1")
+
+
+def check_environment(c: TrainConfig):
+    """What this machine must offer for ``c``: the device, Triton for ``--fused triton``, the attention
+    backend. Checked before the run folder is created."""
+    import torch
+
+    if c.device.startswith("cuda") and not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"--device {c.device}: {why} (torch {torch.__version__}); use --device cpu or auto")
+    from .. import ops
+
+    if c.fused == "triton" and not ops.triton_available():
+        raise ValueError("--fused triton: triton is not importable; pip install triton, or use --fused auto/torch")
+    from ..models.attention import resolve_backend
+
+    try:
+        resolve_backend(c.attn_backend)
+    except RuntimeError as e:
+        raise ValueError(f"--attn-backend {c.attn_backend}: {e}") from None

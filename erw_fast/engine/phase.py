@@ -142,6 +142,7 @@ def _stop(run, trainer, phase, step, k, seconds, saved: bool) -> str:
         _save(run, trainer, phase, step, k, seconds)
     run.bar.message(f"stopped at step {step} ({why}); checkpoint {run.result.checkpoint}. "
                     f"Continue with --resume --out {cfg.out}")
+    run.result.signal = signum
     return "interrupted" if signum is not None else "stopped"
 
 

@@ -25,7 +25,7 @@ from ..utils.progress import RunProgress
 from ..utils.seeding import BatchIndexer
 from .build import build_net, fused_setting, load_encoders, schedule_of, uses_bf16
 from .checkpoint import find_resume_checkpoint, folder_holds_run, read_training_checkpoint, resume_config
-from .config import TrainConfig, resolve_config
+from .config import TrainConfig, check_environment, resolve_config
 from .errors import NonFiniteLossError, RunFolderError  # noqa: F401  (re-exported)
 from .logging import MetricsLog, summary_lines
 from .phase import run_phase
@@ -40,6 +40,7 @@ class TrainResult:
     checkpoint: Optional[str] = None
     samples_png: Optional[str] = None
     summary: dict = field(default_factory=dict)
+    signal: Optional[int] = None      # the signal that interrupted the run
 
 
 @dataclass
@@ -92,6 +93,7 @@ def _open_run(config: TrainConfig, world: int):
         ckpt = read_training_checkpoint(path)
         return resolve_config(resume_config(config, ckpt["args"])), ckpt, path
     cfg = resolve_config(config)
+    check_environment(cfg)
     if folder_holds_run(cfg.out):
         raise RunFolderError(f"output folder {cfg.out!r} already holds a run; pass --resume to continue it or "
                              "choose another --out")

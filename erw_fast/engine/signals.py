@@ -1,5 +1,5 @@
-"""SIGTERM / SIGINT during training: finish the step, checkpoint, exit cleanly; a second Ctrl-C
-aborts at once."""
+"""SIGTERM / SIGINT / SIGHUP during training: finish the step, checkpoint, exit cleanly; a second
+Ctrl-C aborts at once."""
 from __future__ import annotations
 
 import signal
@@ -11,7 +11,7 @@ class StopSignals:
     """Installs the handlers on ``__enter__`` (main thread only) and restores the old ones on exit;
     ``signum`` is the first signal received (None if none)."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self, notify: Optional[Callable[[str], None]] = None):
         self.signum = None

@@ -1,0 +1,61 @@
+"""One error style for every command line: expected errors print one line ``error: ...`` (naming
+the flag, file or shape) and exit with status 2; a traceback only with ``--debug``.
+
+Expected = bad input or environment: ``ValueError``, ``OSError`` (missing file, full or read-only
+disk), ``ImportError`` (a missing extra) and every exception class defined in erw_fast. Anything
+else is a bug and keeps its traceback.
+
+Exit statuses (documented in docs/training.md): 0 done · 1 stopped on a non-finite loss · 2 bad
+input or environment · 128+N stopped by signal N after writing a checkpoint (resumable) · 130
+aborted by a second Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from typing import Callable, List, Optional
+
+EXIT_OK, EXIT_NONFINITE, EXIT_USAGE = 0, 1, 2
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    return parser
+
+
+def is_expected(e: BaseException) -> bool:
+    return isinstance(e, (ValueError, OSError, ImportError)) or type(e).__module__.startswith("erw_fast")
+
+
+def describe(e: BaseException) -> str:
+    """A one-line description; OSErrors name the path and say what happened in words."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on device writing {e.filename or 'the output'}"
+    if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
+        return f"cannot write {e.filename}: {e.strerror.lower() if e.strerror else 'permission denied'}"
+    if isinstance(e, FileNotFoundError) and e.filename and not str(e).startswith(("no ", "--")):
+        return f"no such file or folder: {e.filename}"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return "; ".join(lines) if lines else type(e).__name__
+
+
+def run_cli(main: Callable[[Optional[List[str]]], object], argv: Optional[List[str]] = None,
+            exit_code: Optional[Callable[[object], int]] = None) -> int:
+    """Call ``main(argv)``; turn expected errors into ``error: ...`` and status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        result = main(argv)
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted into expected / bug below
+        if debug or not is_expected(e):
+            raise
+        code = getattr(e, "exit_code", EXIT_USAGE)
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return code
+    if exit_code is not None:
+        return exit_code(result)
+    return result if isinstance(result, int) else EXIT_OK
