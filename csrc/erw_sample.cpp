@@ -5,7 +5,7 @@
 //              --cfg-scale W [--guidance-interval LO HI] --seed K --out samples.npy
 //              [--noise noise.npy] [--grid samples.pgm] [--batch B] [--threads T]
 //
-// The samplers are those of erw_fast/sampling.py, step for step: the same float64 time grid
+// The samplers are those of erw_fast/sampling/samplers.py, step for step: the same float64 time grid
 // (ODE: linspace(1, 0, S + 1); SDE: linspace(1, 0.04, S) then 0, the last step drift only), the same
 // float32 update expressions in the same order, and the same guidance rule (guided when
 // cfg_scale != 1 and LO <= t <= HI, decided inside the package). Random numbers follow
