@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "every run ends with one)")
     g.add_argument("--ckpt-at", type=_step_list, default=None, metavar="N,N,...",
                    help="also checkpoint at these total steps (warmup steps included), e.g. 300,600")
+    g.add_argument("--ckpt-every-minutes", type=float, metavar="M", help="also checkpoint when M minutes passed "
+                   "since the last one (for preemptible machines)")
+    g.add_argument("--keep-last", type=int, metavar="N", help="keep only the N newest periodic checkpoints (the "
+                   "end-of-warmup one and --ckpt-at ones are always kept; default: keep all)")
     g.add_argument("--log-every", type=int, help=f"log metrics every N steps (default {d['log_every']} on digits)")
     g.add_argument("--sample-steps", type=int, help=f"sampler steps for the grid (default {d['sample_steps']} on digits)")
     g.add_argument("--sampler", choices=("sde", "ode-euler", "ode-heun"), help="sampler for the grid (default sde)")

@@ -1,5 +1,6 @@
 """The training engine and CLI: short runs, checkpoints, resume exactness, NaN stop, bad inputs."""
 import json
+import math
 import os
 import signal
 
@@ -91,8 +92,11 @@ def test_resume_is_exact(tmp_path):
 
 def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = cfg(tmp_path, method="repa", steps=8, ckpt_every=2, debug_nan_at_step=5)
-    with pytest.raises(NonFiniteLossError, match="non-finite loss.*step 5"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss.*step 6"):  # the 6th step (index 5)
         train(c)
+    rows = [json.loads(line) for line in open(os.path.join(c.out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if r.get("event") == "nonfinite"] == [6]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)  # the step numbering of the log
     ckpts = sorted(os.listdir(os.path.join(c.out, "checkpoints")))
     assert ckpts == ["0000002.pt", "0000004.pt"]
     ck = load(os.path.join(c.out, "checkpoints", "0000004.pt"))

@@ -8,27 +8,54 @@ decided in ``erw_fast.models.checkpoint.list_checkpoints``.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import glob
+import json
 import os
+import shutil
+import sys
 
 import torch
 
-from ..models.checkpoint import list_checkpoints, read_checkpoint
+from ..models.checkpoint import CHECKSUM_KEY, CorruptCheckpointError, content_checksum, list_checkpoints, read_checkpoint
 from .config import RESUME_FROM_CALL, RESUME_OVERRIDABLE, TrainConfig
 
 FORMAT = "erw_fast.train/1"
 TRAINING_KEYS = ("model", "ema", "opt", "args", "steps", "phase", "phase_step")
 
 
+LOW_SPACE_BYTES = 64 << 20
+
+
 def save_atomic(obj, path: str):
-    """torch.save to a temp file in the same folder, then rename over ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """torch.save (with a content checksum for dict payloads) to a temp file in the same folder, then
+    rename over ``path``. A failed write leaves the old file; a full or read-only disk is an OSError
+    that names ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if isinstance(obj, dict):
+        obj = {**obj, CHECKSUM_KEY: content_checksum(obj)}
     tmp = f"{path}.tmp{os.getpid()}"
     try:
+        os.makedirs(folder, exist_ok=True)
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from e
+    except RuntimeError as e:  # torch's writer reports a full disk as "unexpected pos ..."
+        if shutil.disk_usage(folder).free < LOW_SPACE_BYTES:
+            raise OSError(errno.ENOSPC, "No space left on device", path) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temp_files(out: str) -> int:
+    """Delete ``*.pt.tmp*`` left by writes that were killed; returns how many."""
+    stale = glob.glob(os.path.join(out, "checkpoints", "*.pt.tmp*"))
+    for f in stale:
+        os.remove(f)
+    return len(stale)
 
 
 def checkpoint_path(out: str, step: int) -> str:
@@ -50,13 +77,63 @@ def folder_holds_run(out: str) -> bool:
     )
 
 
-def find_resume_checkpoint(config: TrainConfig) -> str:
-    if config.resume in ("auto", "latest", ""):
-        ckpts = list_checkpoints(config.out)
-        if not ckpts:
-            raise FileNotFoundError(f"--resume: no checkpoint found under {os.path.join(config.out, 'checkpoints')}")
-        return ckpts[-1]
-    return config.resume
+def folder_holds_checkpoints(out: str) -> bool:
+    return bool(list_checkpoints(out))
+
+
+def clear_failed_start(out: str) -> bool:
+    """A folder left by a run that never reached a checkpoint (a failed start, a double Ctrl-C) is
+    reused: its config and log are removed. Returns whether there was anything to clear."""
+    if not folder_holds_run(out) or folder_holds_checkpoints(out):
+        return False
+    for name in ("metrics.jsonl", "config.json"):
+        p = os.path.join(out, name)
+        if os.path.exists(p):
+            os.remove(p)
+    return True
+
+
+def open_resume_checkpoint(config: TrainConfig):
+    """(path, checkpoint) to resume from. ``--resume`` alone: the latest good checkpoint in ``--out``
+    (a damaged latest one is skipped, with a note); ``--resume PATH``: that file, which must belong to
+    ``--out`` unless ``--out`` holds no run yet."""
+    if config.resume not in ("auto", "latest", ""):
+        path = config.resume
+        _check_belongs(path, config.out)
+        return path, read_training_checkpoint(path)
+    ckpts = list_checkpoints(config.out)
+    if not ckpts:
+        hint = (" (it holds no checkpoint: start without --resume and it is reused)" if folder_holds_run(config.out)
+                else "")
+        raise FileNotFoundError(f"--resume: no checkpoint found under {os.path.join(config.out, 'checkpoints')}{hint}")
+    for path in reversed(ckpts):
+        try:
+            return path, read_training_checkpoint(path)
+        except CorruptCheckpointError as e:
+            print(f"note: {e}; trying the previous checkpoint", file=sys.stderr)
+    raise CorruptCheckpointError(f"--resume: every checkpoint under {os.path.join(config.out, 'checkpoints')} is damaged")
+
+
+def _check_belongs(path: str, out: str):
+    own = os.path.realpath(os.path.join(out, "checkpoints"))
+    if os.path.dirname(os.path.realpath(path)) != own and folder_holds_run(out):
+        raise ValueError(f"--resume {path} belongs to another run than --out {out}, which holds a run of its own; "
+                         f"resuming would mix the two. Use --out {os.path.dirname(os.path.dirname(path)) or '.'} "
+                         "or an empty --out")
+
+
+def truncate_metrics(out: str, step: int):
+    """Drop the log rows and events after ``step`` (from a run that went on past the checkpoint it
+    is now resumed from), so ``metrics.jsonl`` has no step twice."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    keep = [r for r in rows if int(r.get("step", r.get("steps", 0)) or 0) <= step]
+    if len(keep) != len(rows):
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
 
 
 def resume_config(config: TrainConfig, ckpt_args: dict) -> TrainConfig:

@@ -80,6 +80,8 @@ class TrainConfig:
     sample_every: Optional[int] = None      # 0 = only the final grid
     ckpt_every: Optional[int] = None        # 0 = only the final checkpoint (and the transfer one)
     ckpt_at: Optional[Tuple[int, ...]] = None  # extra checkpoints at these total steps (warmup included)
+    ckpt_every_minutes: Optional[float] = None  # also checkpoint when this many minutes passed since the last
+    keep_last: Optional[int] = None         # keep only the N newest periodic checkpoints (None/0 = all)
     log_every: Optional[int] = None
     sample_steps: Optional[int] = None
     sampler: Optional[str] = None
@@ -97,7 +99,8 @@ class TrainConfig:
 
 # Fields that a resumed run takes from the new call rather than from the checkpoint.
 # ``RESUME_OVERRIDABLE`` win when set (not None); ``RESUME_FROM_CALL`` always come from the new call.
-RESUME_OVERRIDABLE = ("encoder_path", "steps", "sample_every", "ckpt_every", "ckpt_at", "log_every", "attn_backend", "fused",
+RESUME_OVERRIDABLE = ("encoder_path", "steps", "sample_every", "ckpt_every", "ckpt_at", "ckpt_every_minutes", "keep_last",
+                      "log_every", "attn_backend", "fused",
                       "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class")
 RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device",
                     "threads", "prefetch")
@@ -192,6 +195,10 @@ def _check_numbers(c: TrainConfig):
     for name in ("batch_size", "log_every"):
         if getattr(c, name) < 1:
             raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(c, name)}")
+    if c.keep_last is not None and c.keep_last < 0:
+        raise ValueError(f"--keep-last must be >= 1 (or 0 = keep all), got {c.keep_last}")
+    if c.ckpt_every_minutes is not None:
+        _finite(c, "ckpt_every_minutes", 0, low_open=True)
     if c.threads is not None and c.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {c.threads}")
     if any(v < 1 for v in c.ckpt_at):
@@ -224,13 +231,9 @@ def _check_sampling(c: TrainConfig):
 
 
 def check_environment(c: TrainConfig):
-    """What this machine must offer for ``c``: the device, Triton for ``--fused triton``, the attention
-    backend. Checked before the run folder is created."""
-    import torch
-
-    if c.device.startswith("cuda") and not torch.cuda.is_available():
-        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-        raise ValueError(f"--device {c.device}: {why} (torch {torch.__version__}); use --device cpu or auto")
+    """What this machine must offer for ``c`` (the device is checked where it is chosen, in
+    ``utils.distributed.pick_device``): Triton for ``--fused triton``, the attention backend. Checked
+    before the run folder is created."""
     from .. import ops
 
     if c.fused == "triton" and not ops.triton_available():

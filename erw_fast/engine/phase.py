@@ -3,6 +3,7 @@ end — the step loop around ``Trainer.train_step`` with logging, checkpoints, s
 stop and sample grids. Host-device syncs happen only at log / checkpoint / stop points."""
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -11,6 +12,7 @@ from ..method.recipes import PHASE_WARMUP
 from ..utils.distributed import any_rank, barrier, max_over_ranks
 from .batches import BatchSource
 from .build import phase_trainer
+from ..models.checkpoint import list_checkpoints
 from .checkpoint import FORMAT, checkpoint_path, save_atomic
 from .errors import NonFiniteLossError
 from .logging import fmt_seconds, human_flops
@@ -28,9 +30,7 @@ def build_trainer(run, phase: str, model, ckpt):
     trainer = phase_trainer(cfg, phase, model, run.encoders, d.device, run.fused_align, run.amp, first_step=offset + k)
     trainer.inject_nan_at = cfg.debug_nan_at_step
     if ckpt is not None:
-        trainer.load_state(ckpt)
-        if "rng" in ckpt and "torch" in ckpt["rng"]:
-            torch.set_rng_state(ckpt["rng"]["torch"])
+        _restore(run, trainer, ckpt)
     batches = BatchSource(run.data, run.encoders, trainer.objective, run.indexer, cfg.seed, cfg.class_dropout, offset,
                           d.device, prefetch=cfg.prefetch)
     k0 = k if k < n_steps else 0
@@ -40,6 +40,20 @@ def build_trainer(run, phase: str, model, ckpt):
         flops = None
     trainer.wrap(compile=cfg.compile, world=d.world)
     return trainer, batches, flops
+
+
+def _restore(run, trainer: Trainer, ckpt: dict):
+    """Load a checkpoint's weights and state; only then is the resume logged."""
+    path = run.state.resumed_from
+    try:
+        trainer.load_state(ckpt)
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"--resume {path}: its weights do not fit the model these settings build ({first})") from None
+    if "rng" in ckpt and "torch" in ckpt["rng"]:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    run.bar.message(f"resuming {run.cfg.out} from {path}: {run.state.phase} step {run.state.phase_step}")
+    run.log.write({"event": "resume", "from": path, "steps": int(ckpt["steps"])})
 
 
 def _save(run, trainer: Trainer, phase: str, step: int, k: int, seconds: float):
@@ -54,13 +68,27 @@ def _save(run, trainer: Trainer, phase: str, step: int, k: int, seconds: float):
                      "rng": {"torch": torch.get_rng_state()}, "format": FORMAT}, path)
         run.log.write({"event": "checkpoint", "path": path, "steps": step, "phase": phase})
         run.result.checkpoint = path
+        _prune(run)
     barrier(run.dist.world)
+
+
+def _prune(run):
+    """``--keep-last N``: delete periodic checkpoints but the N newest; the end-of-warmup checkpoint
+    and the ``--ckpt-at`` ones are kept."""
+    cfg = run.cfg
+    if not cfg.keep_last:
+        return
+    keep = set(cfg.ckpt_at) | ({cfg.warmup_steps} if run.method.warmup and cfg.warmup_steps else set())
+    periodic = [p for p in list_checkpoints(cfg.out) if int(os.path.basename(p)[:-3]) not in keep]
+    for p in periodic[:-cfg.keep_last]:
+        os.remove(p)
+        run.log.write({"event": "checkpoint_removed", "path": p})
 
 
 def _check_finite(run, trainer: Trainer, phase: str):
     d = run.dist
-    bad = max_over_ranks(int(trainer.bad_step.item()), d.world, d.device)
-    if bad >= 0:
+    bad = max_over_ranks(int(trainer.bad_step.item()), d.world, d.device) + 1  # the log's step numbering
+    if bad >= 1:
         msg = (f"non-finite loss (NaN/inf) at step {bad} ({phase}); stopping. The last good checkpoint "
                f"is {run.result.checkpoint or 'none (no checkpoint was written yet)'}; lower --lr or check "
                "the data")
@@ -90,6 +118,18 @@ def _log(run, phase: str, out, step: int, k: int, n_steps: int, window: dict, el
     return rec
 
 
+def _time_for_checkpoint(run, last_save: float, sync_point: bool) -> bool:
+    """``--ckpt-every-minutes``: due when that long passed since the last checkpoint (agreed by every
+    rank, at log steps, when there are several)."""
+    minutes, d = run.cfg.ckpt_every_minutes, run.dist
+    if not minutes:
+        return False
+    due = time.time() - last_save >= 60.0 * minutes
+    if d.world > 1:
+        return any_rank(due, d.world, d.device) if sync_point else False
+    return due
+
+
 def _stop_requested(run, step: int, sync_point: bool) -> bool:
     """A stop signal (agreed by every rank, at sync points only when there are several) or --stop-after."""
     cfg, d = run.cfg, run.dist
@@ -108,7 +148,7 @@ def run_phase(run, phase: str, model, ckpt) -> str:
     trainer, batches, flops = build_trainer(run, phase, model, ckpt)
     k, t_start = st.phase_step, time.time()
     seconds = lambda: st.phase_seconds + (time.time() - t_start)  # noqa: E731
-    window, last, status = dict(t0=time.time(), imgs=0), {}, "finished"
+    window, last, status = dict(t0=time.time(), imgs=0, saved=time.time()), {}, "finished"
     while k < n_steps:
         out = trainer.train_step(batches.get(k), k, global_step=offset + k)
         k += 1
@@ -116,6 +156,7 @@ def run_phase(run, phase: str, model, ckpt) -> str:
         window["imgs"] += cfg.batch_size
         do_log = k % cfg.log_every == 0 or k == n_steps
         do_ckpt = (cfg.ckpt_every and step % cfg.ckpt_every == 0) or (warm and k == n_steps) or step in cfg.ckpt_at
+        do_ckpt = do_ckpt or _time_for_checkpoint(run, window["saved"], do_log)
         stop_now = _stop_requested(run, step, do_log or do_ckpt)
         if do_log or do_ckpt or stop_now:
             _check_finite(run, trainer, phase)
@@ -126,6 +167,7 @@ def run_phase(run, phase: str, model, ckpt) -> str:
                             run.log, run.result, run.dist.world)
         if do_ckpt:
             _save(run, trainer, phase, step, k, seconds())
+            window["saved"] = time.time()
         if stop_now:
             status = _stop(run, trainer, phase, step, k, seconds(), saved=bool(do_ckpt))
             break

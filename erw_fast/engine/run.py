@@ -24,7 +24,8 @@ from ..utils.distributed import Dist, barrier, setup_distributed
 from ..utils.progress import RunProgress
 from ..utils.seeding import BatchIndexer
 from .build import build_net, fused_setting, load_encoders, schedule_of, uses_bf16
-from .checkpoint import find_resume_checkpoint, folder_holds_run, read_training_checkpoint, resume_config
+from .checkpoint import (clear_failed_start, folder_holds_checkpoints, open_resume_checkpoint, remove_stale_temp_files,
+                         resume_config, truncate_metrics)
 from .config import TrainConfig, check_environment, resolve_config
 from .errors import NonFiniteLossError, RunFolderError  # noqa: F401  (re-exported)
 from .logging import MetricsLog, summary_lines
@@ -51,6 +52,7 @@ class RunState:
     transfer: Optional[dict] = None
     warmup_cost: Optional[dict] = None
     phase_seconds: float = 0.0
+    resumed_from: Optional[str] = None  # the checkpoint this process resumed from (not saved)
 
 
 @dataclass
@@ -78,7 +80,9 @@ class Run:
 def train(config: TrainConfig) -> TrainResult:
     """Run (or resume) a training run described by ``config``; see ``TrainConfig``."""
     threads_before = torch.get_num_threads()
-    if config.threads:
+    if config.threads is not None:
+        if config.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {config.threads}")
         torch.set_num_threads(config.threads)
     try:
         return _train(config)
@@ -86,25 +90,32 @@ def train(config: TrainConfig) -> TrainResult:
         torch.set_num_threads(threads_before)
 
 
-def _open_run(config: TrainConfig, world: int):
-    """(resolved config, checkpoint or None, its path): resume or a fresh folder, checked."""
+def _open_run(config: TrainConfig, d: Dist):
+    """(resolved config, checkpoint or None, its path): resume or a fresh folder, everything checked
+    before anything is written."""
     if config.resume:
-        path = find_resume_checkpoint(config)
-        ckpt = read_training_checkpoint(path)
-        return resolve_config(resume_config(config, ckpt["args"])), ckpt, path
-    cfg = resolve_config(config)
+        path, ckpt = open_resume_checkpoint(config)
+        cfg = resolve_config(resume_config(config, ckpt["args"]))
+    else:
+        cfg, ckpt, path = resolve_config(config), None, None
+        if folder_holds_checkpoints(cfg.out):
+            raise RunFolderError(f"output folder {cfg.out!r} already holds a run; pass --resume to continue it or "
+                                 "choose another --out")
     check_environment(cfg)
-    if folder_holds_run(cfg.out):
-        raise RunFolderError(f"output folder {cfg.out!r} already holds a run; pass --resume to continue it or "
-                             "choose another --out")
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    return cfg, None, None
+    if cfg.batch_size % d.world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
+    return cfg, ckpt, path
 
 
-def _make_folder(cfg: TrainConfig, d: Dist):
+def _make_folder(cfg: TrainConfig, d: Dist, ckpt: Optional[dict], bar: RunProgress):
     barrier(d.world)  # every rank has checked the folder before rank 0 writes into it
     if d.main:
+        if ckpt is None and clear_failed_start(cfg.out):
+            bar.message(f"note: {cfg.out} holds no checkpoint (an earlier start that never reached one): reusing it")
+        if remove_stale_temp_files(cfg.out):
+            bar.message(f"note: removed unfinished checkpoint writes (*.pt.tmp*) in {cfg.out}/checkpoints")
+        if ckpt is not None:
+            truncate_metrics(cfg.out, int(ckpt["steps"]))
         os.makedirs(os.path.join(cfg.out, "checkpoints"), exist_ok=True)
         os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -129,26 +140,24 @@ def _banner(run: Run) -> str:
 
 def _train(config: TrainConfig) -> TrainResult:
     d = setup_distributed(config.device)
-    cfg, ckpt, ckpt_path = _open_run(config, d.world)
+    cfg, ckpt, ckpt_path = _open_run(config, d)
     method = get_method(cfg.method)
     from ..data import load_train_data
 
     # everything that can be checked is checked before anything is written
     data = load_train_data(cfg.data, d.device)
     encoders = load_encoders(cfg, data, d.device)
-    _make_folder(cfg, d)
+    bar = RunProgress(enabled=d.main, bar=cfg.progress)
+    _make_folder(cfg, d, ckpt, bar)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     log = MetricsLog(cfg.out, enabled=d.main)
-    bar = RunProgress(enabled=d.main, bar=cfg.progress)
     first = PHASE_WARMUP if (method.warmup and cfg.warmup_steps > 0) else PHASE_TRAIN
     state = RunState(first)
     if ckpt is not None:
         state = RunState(ckpt["phase"], int(ckpt["phase_step"]), ckpt.get("transfer"), ckpt.get("warmup_cost"),
-                         float(ckpt.get("phase_seconds", 0.0)))
-        bar.message(f"resuming {cfg.out} from {ckpt_path}: {state.phase} step {state.phase_step}")
-        log.write({"event": "resume", "from": ckpt_path, "steps": int(ckpt["steps"])})
+                         float(ckpt.get("phase_seconds", 0.0)), resumed_from=ckpt_path)
     run = Run(cfg, method, d, data, encoders, fused_setting(cfg, d.device), uses_bf16(cfg, d.device), log, bar,
               StopSignals(notify=bar.message), BatchIndexer(data.num_samples, cfg.batch_size, cfg.seed, d.rank, d.world),
               schedule_of(cfg), state,

@@ -18,6 +18,7 @@ def sample_and_save(cfg, ema_model, data, device, step: int, amp: bool, main: bo
     if main:
         from ..sampling import sample_grid
         from ..utils.png import image_grid, write_png
+        from ..utils.progress import progress
 
         t0 = time.time()
         ema_model.eval()
@@ -27,7 +28,9 @@ def sample_and_save(cfg, ema_model, data, device, step: int, amp: bool, main: bo
                                (data.channels, data.input_size, data.input_size), sampler=cfg.sampler,
                                steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
                                guidance_interval=(0.0, cfg.guidance_high), seed=cfg.seed + GRID_SEED_OFFSET,
-                               device=device, classes=data.sample_classes())
+                               device=device, classes=data.sample_classes(),
+                               progress=lambda steps: progress(steps, desc=f"sample grid @ {step}", unit="step",
+                                                               disable=not cfg.progress))
         path = None
         if latent:  # keep the latents; decode with the dataset's VAE when it is available locally
             torch.save({"latents": imgs.float().cpu(), "classes": data.sample_classes(), "step": step},

@@ -3,10 +3,16 @@
 Accepted files: a training checkpoint ``{model, ema, opt, args, steps}`` (REPA's layout, ours too),
 or a bare state dict. REPA pickles ``args`` as an ``argparse.Namespace``; that one class is
 allow-listed, nothing else is unpickled.
+
+Checkpoints erw_fast writes carry ``checksum``: a SHA-256 of their content (every tensor's dtype,
+shape and bytes, every other value's repr, in key order). ``read_checkpoint`` verifies it on every
+load (training resume, sampling, export, evaluation) and names the file when it does not match;
+files without one (REPA's, ERW's) load as before.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 from typing import List, Optional
@@ -19,10 +25,58 @@ _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 _PROJ_KEY = re.compile(r"^projectors\.(\d+)\.4\.weight$")
 
 
+CHECKSUM_KEY = "checksum"
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint whose content does not match the checksum written with it."""
+
+
+def _digest_into(h, obj):
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            if k != CHECKSUM_KEY:
+                h.update(repr(k).encode())
+                _digest_into(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _digest_into(h, v)
+        h.update(b"]")
+    else:
+        h.update(repr(obj).encode())
+
+
+def content_checksum(obj) -> str:
+    """SHA-256 (hex) of a checkpoint's content, its own ``checksum`` entry left out."""
+    h = hashlib.sha256()
+    _digest_into(h, obj)
+    return h.hexdigest()
+
+
+def verify_checksum(ckpt, path: str):
+    if isinstance(ckpt, dict) and CHECKSUM_KEY in ckpt and content_checksum(ckpt) != ckpt[CHECKSUM_KEY]:
+        raise CorruptCheckpointError(f"checkpoint {path} is damaged: its content does not match the checksum "
+                                     "written with it (a partial copy or a disk error?); use an earlier checkpoint")
+
+
 def read_checkpoint(path: str) -> dict:
-    """Read a checkpoint file with weights_only=True; clear errors for missing or unreadable files."""
+    """Read a checkpoint file with weights_only=True and verify its checksum when it has one; clear
+    errors for missing, unreadable or damaged files."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = _load(path)
+    verify_checksum(ckpt, path)
+    return ckpt
+
+
+def _load(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as first:  # REPA stores args as an argparse.Namespace
@@ -30,7 +84,7 @@ def read_checkpoint(path: str) -> dict:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:
-            raise ValueError(
+            raise CorruptCheckpointError(
                 f"cannot read checkpoint {path}: {type(first).__name__}: {first}. "
                 "Expected a torch.save file holding a state dict or {model, ema, args, steps}."
             ) from first

@@ -223,6 +223,7 @@ def sample_grid(
     device=None,
     dtype=torch.float32,
     classes: Optional[Sequence[int]] = None,
+    progress: Optional[Callable] = None,
 ) -> torch.Tensor:
     """Samples for a class grid: ``(len(classes) * per_class, *shape)``, class-major.
 
@@ -238,4 +239,4 @@ def sample_grid(
     labels = torch.tensor(classes, dtype=torch.long).repeat_interleave(per_class)
     noise, gens = sample_noise(range(len(labels)), shape, seed, device=device, dtype=dtype)
     return sample(model, noise, labels.to(device), sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                  guidance_interval=guidance_interval, null_class=null_class, generator=gens)
+                  guidance_interval=guidance_interval, null_class=null_class, generator=gens, progress=progress)

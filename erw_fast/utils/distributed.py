@@ -44,6 +44,9 @@ def pick_device(pref: str = "auto", local_rank: int = 0, world: int = 1) -> torc
         raise ValueError(f"--device must be auto, cpu or cuda[:N], got {pref!r}")
     if not use_cuda:
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        raise ValueError(f"--device {pref}: {why} (torch {torch.__version__}); use --device cpu or auto")
     if world > 1:
         index = local_rank % max(torch.cuda.device_count(), 1)
     else:
