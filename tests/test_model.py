@@ -397,3 +397,31 @@ def test_load_checkpoint_reports_bad_files(ref, tmp_path):
         wrong = SiT(**{**ref["config"], "hidden_size": 32})
     with pytest.raises(ValueError, match="does not fit the model"):
         load_checkpoint({"ema": ref["state_dict"]}, model=wrong)
+
+
+def test_qk_norm_under_cuda_autocast_gives_attention_one_dtype(monkeypatch):
+    """On CUDA, autocast runs layer_norm in fp32: q/k came out fp32 next to a bf16 v, which flash-attn
+    refuses and auto silently routes away from. The emulated CUDA policy shows the attention inputs."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from cuda_emulation import CudaAutocastPolicy
+
+    import erw_fast.models.sit as sit_mod
+
+    seen = []
+    real = sit_mod.attention
+
+    def spy(q, k, v, *a, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, *a, **kw)
+
+    monkeypatch.setattr(sit_mod, "attention", spy)
+    torch.manual_seed(0)
+    model = SiT_models["SiT-T/2"](input_size=8, in_channels=4, num_classes=5, qk_norm=True, use_rope=True,
+                                  depth=2, z_dims=[16], projector_dim=32)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with CudaAutocastPolicy() as policy:
+        model(x, t, y)
+    assert any(name == "layer_norm" and dt == (torch.float32,) * len(dt) for name, dt in policy.seen)
+    assert seen and all(q == k == v == torch.bfloat16 for q, k, v in seen), seen
