@@ -212,3 +212,29 @@ def test_autocast_casts_like_the_linear_layer():
     assert rel(loss, ref) < 1e-2
     for a, r in zip(g, gr):
         assert a.dtype == torch.float32 and rel(a, r) < 2e-2
+
+
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_flop_counter_counts_the_fused_loss_like_the_reference(need_grad):
+    """FlopCounterMode saw the custom op as 0 FLOPs; warmup_cost and every FLOP ratio on CUDA (where the
+    fused loss is the default) were under-reported. With the formula, fused == reference."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from erw_fast.ops import projection_cosine_loss, projection_cosine_loss_ref
+
+    torch.manual_seed(0)
+    N, K, Z = 37, 24, 11
+    h = torch.randn(N, K, requires_grad=need_grad)
+    w = torch.randn(Z, K, requires_grad=need_grad)
+    b = torch.randn(Z, requires_grad=need_grad)
+    tgt = torch.randn(N, Z)
+    counts = []
+    for fn in (lambda: projection_cosine_loss(h, w, b, tgt, backend="torch"),
+               lambda: projection_cosine_loss_ref(h, w, b, tgt)):
+        with FlopCounterMode(display=False) as fc:
+            loss = fn()
+            if need_grad:
+                loss.backward()
+        counts.append(fc.get_total_flops())
+    assert counts[1] == 2 * N * K * Z * (3 if need_grad else 1)
+    assert counts[0] == counts[1]
