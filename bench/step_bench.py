@@ -347,7 +347,7 @@ def step_peak_mem(step, batch, device):
 def step_flops(naive_step, batch) -> float:
     """FLOPs of one step (forward + backward + target encoder) by FlopCounterMode, on the naive eager
     step (the same maths as ours; optimizer/EMA have no matmuls)."""
-    from erw_fast.engine.trainer import count_flops
+    from erw_fast.utils.flops import count_flops
 
     def one():
         naive_step.loss(batch).backward()

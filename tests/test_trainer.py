@@ -103,3 +103,14 @@ def test_nonfinite_loss_is_recorded_on_device_with_its_step():
     for k in range(4):
         trainer.train_step(source.get(k), k, global_step=10 + k)
     assert int(trainer.bad_step) == 12
+
+
+def test_cpu_attention_flops_are_counted():
+    """torch's FlopCounter has no formula for the CPU attention kernel and counted it as 0; a step's
+    FLOPs (warmup_cost, the study's budgets) left out every attention product on CPU."""
+    from erw_fast.utils.flops import count_flops
+
+    q = torch.randn(2, 3, 16, 8, requires_grad=True)
+    fwd = 4 * 2 * 3 * 16 * 16 * 8  # QK^T and AV
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q)) == fwd
+    assert count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()) == 3.5 * fwd

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..method.objective import Objective
+from ..utils.flops import count_flops
 from .batches import Batch
 from .ema import EMA
 
@@ -28,15 +29,6 @@ def make_optimizer(model: nn.Module, lr: float, device) -> torch.optim.Optimizer
     else:
         kw["foreach"] = True
     return torch.optim.AdamW(params, **kw)
-
-
-def count_flops(fn) -> float:
-    """FLOPs of one call of ``fn`` (forward + backward) with torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
 
 
 @dataclass
@@ -55,7 +47,8 @@ class Trainer:
     def __init__(self, model: nn.Module, objective: Objective, encoders: List, *, lr: float, ema_decay: float,
                  grad_clip: float, amp: bool, device, first_step: int = 0):
         self.device = torch.device(device)
-        self.model = model.to(self.device)
+        on_device = all(t.device == self.device for t in (*model.parameters(), *model.buffers()))
+        self.model = model if on_device else model.to(self.device)
         self.ema_model = copy.deepcopy(self.model)
         self.ema_model.requires_grad_(False)
         self.ema = EMA(self.ema_model, self.model)
