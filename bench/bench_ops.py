@@ -18,8 +18,12 @@ design), so its ``fwd`` number includes the backward matmuls; compare ``fwdbwd``
 import functools
 import os
 
-import pytest
 import torch
+
+try:
+    import pytest
+except ImportError:  # bench/gpu_check.py uses the helpers below on a GPU machine without pytest
+    pytest = None
 
 import erw_fast.ops as ops
 
@@ -130,27 +134,28 @@ def peak_mem_mib(run):
     return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("pass_", PASSES)
-@pytest.mark.parametrize("op", OPS)
-def test_op(benchmark, op, pass_, provider):
-    if provider == "fused" and not CUDA:
-        pytest.skip("fused (Triton) provider needs CUDA: on CPU Triton runs in the interpreter, which is "
-                    "a correctness tool, not a speed")
-    benchmark.group = f"{op}-{pass_}"
-    # CPU: one intra-op thread -- on a shared 2-core box OpenMP barriers with a descheduled thread
-    # turn sub-millisecond ops into multi-millisecond outliers.
-    threads = torch.get_num_threads()
-    if not CUDA:
-        torch.set_num_threads(1)
-    try:
-        run = make_runner(op, pass_, provider)
-        for _ in range(WARMUP):  # includes compile for provider == "compile"
-            run()
-        mem = peak_mem_mib(run)
-        sizes = {k: (str(v) if k == "dtype" else v) for k, v in SIZES.items()}
-        benchmark.extra_info.update(op=op, pass_=pass_, provider=provider, device=DEV, sizes=sizes,
-                                    peak_mem_mib=mem, threads=torch.get_num_threads())
-        benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
-    finally:
-        torch.set_num_threads(threads)
+if pytest is not None:  # the pytest-benchmark case; gpu_check.py does not need it
+    @pytest.mark.parametrize("provider", PROVIDERS)
+    @pytest.mark.parametrize("pass_", PASSES)
+    @pytest.mark.parametrize("op", OPS)
+    def test_op(benchmark, op, pass_, provider):
+        if provider == "fused" and not CUDA:
+            pytest.skip("fused (Triton) provider needs CUDA: on CPU Triton runs in the interpreter, which is "
+                        "a correctness tool, not a speed")
+        benchmark.group = f"{op}-{pass_}"
+        # CPU: one intra-op thread -- on a shared 2-core box OpenMP barriers with a descheduled thread
+        # turn sub-millisecond ops into multi-millisecond outliers.
+        threads = torch.get_num_threads()
+        if not CUDA:
+            torch.set_num_threads(1)
+        try:
+            run = make_runner(op, pass_, provider)
+            for _ in range(WARMUP):  # includes compile for provider == "compile"
+                run()
+            mem = peak_mem_mib(run)
+            sizes = {k: (str(v) if k == "dtype" else v) for k, v in SIZES.items()}
+            benchmark.extra_info.update(op=op, pass_=pass_, provider=provider, device=DEV, sizes=sizes,
+                                        peak_mem_mib=mem, threads=torch.get_num_threads())
+            benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+        finally:
+            torch.set_num_threads(threads)

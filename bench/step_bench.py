@@ -207,6 +207,17 @@ class OursStep(TrainStep):
         self.trainer.use_objective(self.objective)
         return self.trainer.train_step(engine_batch(self.kind, batch), self.k).loss
 
+    # the step's phases, for phase_times (train_step runs exactly these, in this order)
+    def targets(self, batch):
+        self.trainer.use_objective(self.objective)
+        return self.trainer.targets(engine_batch(self.kind, batch))
+
+    def clip(self):
+        self.trainer.clip_gradients()
+
+    def ema_update(self):
+        self.trainer.update_ema()
+
 
 # --------------------------------------------------------------------------------------------
 # Building a comparison: identical weights on both sides
@@ -367,7 +378,7 @@ def phase_times(step, batch, device, rounds=5):
         sync(device)
         t = [time.perf_counter()]
         if step.kind != "vanilla":
-            step.encoder(batch["enc"]) if step.side == "ours" else step.targets(batch)
+            step.targets(batch)
         sync(device)
         t.append(time.perf_counter())
         loss = step.loss(batch)  # includes the encoder again: subtracted below

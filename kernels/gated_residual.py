@@ -91,6 +91,32 @@ def _tile_config(T, D, device, block_t=None, block_d=None, num_warps=None):
     return block_t, block_d, num_warps
 
 
+def _splits_for_sms(B, T, block_t, n_d, sms):
+    """T-splits of the backward on a CUDA device with ``sms`` SMs: ~4 programs per SM in all."""
+    return max(1, min(triton.cdiv(T, block_t), triton.cdiv(4 * sms, B * n_d)))
+
+
+def _split_rows(T, splits, block_t):
+    """-> (rows_per_split, splits): whole tiles per split, empty splits dropped."""
+    rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
+    return rows_per_split, triton.cdiv(T, rows_per_split)
+
+
+def cuda_launch_config(B, T, D, sms, backward=False):
+    """What the launchers pick by default on a CUDA device with ``sms`` SMs (no device needed).
+
+    -> dict(BLOCK_T, BLOCK_D, num_warps, grid) plus ``rows_per_split`` for the backward; used by
+    ``erw_fast.kernels.aot`` to compile the kernels ahead of time exactly as they are launched.
+    """
+    bt, bd, nw = _tile_config(T, D, torch.device("cuda"))
+    n_d = triton.cdiv(D, bd)
+    cfg = dict(BLOCK_T=bt, BLOCK_D=bd, num_warps=nw, grid=(triton.cdiv(T, bt), n_d, B))
+    if backward:
+        rows_per_split, splits = _split_rows(T, _splits_for_sms(B, T, bt, n_d, sms), bt)
+        cfg.update(grid=(splits, n_d, B), rows_per_split=rows_per_split)
+    return cfg
+
+
 def gated_residual_fwd(x, gate, y, out=None, out_dtype=None, block_t=None, block_d=None,
                        num_warps=None):
     """Launch the forward kernel; returns ``out = x + gate[:, None] * y`` (B, T, D)."""
@@ -130,13 +156,8 @@ def gated_residual_bwd(dout, gate, y, dy=None, dy_dtype=None, splits=None, block
     bt, bd, nw = _tile_config(T, D, y.device, block_t, block_d, num_warps)
     n_d = triton.cdiv(D, bd)
     if splits is None:
-        if y.device.type == "cuda":
-            sms = sm_count(y.device)
-            splits = max(1, min(triton.cdiv(T, bt), triton.cdiv(4 * sms, B * n_d)))
-        else:
-            splits = 1
-    rows_per_split = triton.cdiv(triton.cdiv(T, splits), bt) * bt
-    splits = triton.cdiv(T, rows_per_split)
+        splits = _splits_for_sms(B, T, bt, n_d, sm_count(y.device)) if y.device.type == "cuda" else 1
+    rows_per_split, splits = _split_rows(T, splits, bt)
     part = empty((B, splits, D), torch.float32, y.device)
     with device_guard(dy):
         _gres_bwd_kernel[(splits, n_d, B)](

@@ -112,9 +112,10 @@ def _last_dim_contiguous(t):
 def _tile_config(T, D, device, block_t=None, num_warps=None, backward=False):
     """(BLOCK_T, BLOCK_D, num_warps).  The whole row is one tile (BLOCK_D = next pow2 of D).
 
-    GPU defaults: ~4096-element tiles; forward 8 warps (16 elements per thread per tensor: ~61
-    registers at D = 1152, 4 CTAs per SM on sm_90), backward 16 warps (the backward keeps x, dy,
-    xhat and g live: ~64 registers at 16 warps vs ~170 at 8 warps with 8192-element tiles).
+    GPU defaults: ~4096-element tiles; forward 8 warps (16 elements per thread per tensor), backward
+    16 warps (the backward keeps x, dy, xhat and g live). Compiled ahead of time for SiT-XL/2
+    (D = 1152, ``python -m erw_fast.kernels.aot``): forward 32–48 registers (5–8 CTAs per SM),
+    backward 59–84 (bf16 and mixed dtypes: 76–84 registers, 1 CTA of 16 warps per SM); no spills.
     Interpreter (CPU): big tiles, so few program instances.
     """
     block_d = triton.next_power_of_2(D)
@@ -153,14 +154,35 @@ def layernorm_modulate_fwd(x, shift, scale, eps=1e-6, out=None, out_dtype=None,
     return out
 
 
+def _splits_for_sms(B, T, block_t, sms):
+    """T-splits per batch row on a CUDA device with ``sms`` SMs: ~4 programs per SM in all."""
+    return max(1, min(triton.cdiv(T, block_t), triton.cdiv(4 * sms, max(B, 1))))
+
+
 def _num_splits(B, T, block_t, device):
-    n_tiles = triton.cdiv(T, block_t)
     if device.type == "cuda":
-        sms = sm_count(device)
-        want = triton.cdiv(4 * sms, max(B, 1))
-    else:
-        want = 1  # interpreter: one program per batch row
-    return max(1, min(n_tiles, want))
+        return _splits_for_sms(B, T, block_t, sm_count(device))
+    return 1  # interpreter: one program per batch row
+
+
+def _split_rows(T, splits, block_t):
+    """-> (rows_per_split, splits): whole tiles per split, empty splits dropped."""
+    rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
+    return rows_per_split, triton.cdiv(T, rows_per_split)
+
+
+def cuda_launch_config(B, T, D, sms, backward=False):
+    """What the launchers pick by default on a CUDA device with ``sms`` SMs (no device needed).
+
+    -> dict(BLOCK_T, BLOCK_D, num_warps, grid) plus ``rows_per_split`` for the backward; used by
+    ``erw_fast.kernels.aot`` to compile the kernels ahead of time exactly as they are launched.
+    """
+    block_t, block_d, nw = _tile_config(T, D, torch.device("cuda"), backward=backward)
+    cfg = dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=nw, grid=(triton.cdiv(T, block_t), B))
+    if backward:
+        rows_per_split, splits = _split_rows(T, _splits_for_sms(B, T, block_t, sms), block_t)
+        cfg.update(grid=(splits, B), rows_per_split=rows_per_split)
+    return cfg
 
 
 def layernorm_modulate_bwd(dy, x, scale, eps=1e-6, dx=None, dx_dtype=None, splits=None,
@@ -184,8 +206,7 @@ def layernorm_modulate_bwd(dy, x, scale, eps=1e-6, dx=None, dx_dtype=None, split
     block_t, block_d, nw = _tile_config(T, D, x.device, block_t, num_warps, backward=True)
     if splits is None:
         splits = _num_splits(B, T, block_t, x.device)
-    rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
-    splits = triton.cdiv(T, rows_per_split)
+    rows_per_split, splits = _split_rows(T, splits, block_t)
     dshift_p = empty((B, splits, D), torch.float32, x.device)
     dscale_p = empty((B, splits, D), torch.float32, x.device)
     with device_guard(dx):

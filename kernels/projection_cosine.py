@@ -51,6 +51,24 @@ def _cos_loss_grad_kernel(
 MAX_Z = 16384  # one row must fit a tile
 
 
+def _tile_config(R, NZ, device, block_r=None, num_warps=None):
+    """(BLOCK_R, BLOCK_Z, num_warps): whole rows per tile, ~4096-element tiles on a GPU."""
+    block_z = triton.next_power_of_2(NZ)
+    if block_r is None:
+        target_elems = 4096 if device.type == "cuda" else 32768
+        block_r = max(1, min(triton.next_power_of_2(R), target_elems // block_z))
+    if num_warps is None:
+        num_warps = 4 if block_r * block_z <= 2048 else 8
+    return block_r, block_z, num_warps
+
+
+def cuda_launch_config(R, NZ):
+    """What ``cosine_loss_grad_rows`` picks by default for an (R, NZ) chunk on a CUDA device (no
+    device needed) -> dict(BLOCK_R, BLOCK_Z, num_warps, grid); used by ``erw_fast.kernels.aot``."""
+    block_r, block_z, nw = _tile_config(R, NZ, torch.device("cuda"))
+    return dict(BLOCK_R=block_r, BLOCK_Z=block_z, num_warps=nw, grid=(triton.cdiv(R, block_r),))
+
+
 def cosine_loss_grad_rows(z, target, weight, eps=1e-12, dz=None, block_r=None, num_warps=None):
     """Rows of ``z``/``target`` (R, Z) -> (sum_r -cos_r as a 0-d fp32 tensor, dz).
 
@@ -70,12 +88,7 @@ def cosine_loss_grad_rows(z, target, weight, eps=1e-12, dz=None, block_r=None, n
     assert dz.shape == z.shape and dz.stride(-1) == 1
     if R == 0:
         return torch.zeros((), dtype=torch.float32, device=z.device), dz
-    block_z = triton.next_power_of_2(NZ)
-    if block_r is None:
-        target_elems = 4096 if z.device.type == "cuda" else 32768
-        block_r = max(1, min(triton.next_power_of_2(R), target_elems // block_z))
-    if num_warps is None:
-        num_warps = 4 if block_r * block_z <= 2048 else 8
+    block_r, block_z, num_warps = _tile_config(R, NZ, z.device, block_r, num_warps)
     n_prog = triton.cdiv(R, block_r)
     loss_p = empty((n_prog,), torch.float32, z.device)
     with device_guard(dz):

@@ -47,6 +47,8 @@ def compiled(tmp_path_factory):
 
 
 def test_every_kernel_compiles_for_every_target_dtype_and_size(compiled):
+    assert not compiled["errors"], "\n".join(f"{e['name']} {e['size']} {e['dtype']} sm_{e['arch']}: {e['error']}"
+                                              for e in compiled["errors"])
     results = compiled["results"]
     kernels = _jit_kernels()
     assert len(kernels) == 5, kernels  # 2 layernorm_modulate, 2 gated_residual, 1 cosine rows

@@ -99,3 +99,11 @@ def test_ours_is_the_engines_train_step(setup, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", spy)
     ours(batch)
     assert calls == [("Batch", sb.SCHEDULE_STEP)]
+
+
+def test_phase_times_runs_for_both_sides(setup):
+    cfg, enc, batch = setup
+    pair = _pair(cfg, enc, "full")
+    for side in pair.steps("full"):
+        t = sb.phase_times(side, batch, "cpu", rounds=1)
+        assert set(t) == {"encoder", "forward", "backward", "clip", "optimizer", "ema"}

@@ -115,14 +115,22 @@ class Trainer:
             loss = loss * float("nan")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = (torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True) if self.grad_clip > 0
-                 else self._zero)
+        gnorm = self.clip_gradients()
         first_bad = (self.bad_step < 0) & ~torch.isfinite(loss.detach())
         self.bad_step = torch.where(first_bad, self._step, self.bad_step)
         self._step.add_(1)
         self.opt.step()
-        self.ema.update(self.ema_decay)
+        self.update_ema()
         return StepOutput(loss.detach(), align, vel, gnorm, lam)
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the gradient norm to ``grad_clip`` (0 = off); returns the norm before clipping."""
+        if self.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
+        return self._zero
+
+    def update_ema(self):
+        self.ema.update(self.ema_decay)
 
     def count_step_flops(self, batch: Batch, k: int) -> float:
         """FLOPs of one step's forward + backward (target encoder included) on the eager objective."""
