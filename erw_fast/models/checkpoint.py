@@ -117,7 +117,7 @@ def select_state_dict(ckpt, which: str = "ema") -> dict:
 def infer_config(state_dict: dict, args: Optional[dict] = None) -> dict:
     """SiT constructor keywords read off a state dict's shapes (and the run's args when present)."""
     args = args or {}
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    sd = _strip_prefixes(state_dict)
     for key in ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight"):
         if key not in sd:
             raise ValueError(f"not a SiT state dict: key {key!r} is missing")
@@ -153,12 +153,54 @@ def infer_config(state_dict: dict, args: Optional[dict] = None) -> dict:
     cfg["num_classes"] = int(args.get("num_classes", rows - 1 if rows > 1 else rows))
     if "use_rope" in args:
         cfg["use_rope"] = bool(args["use_rope"])
+    elif ERW_ROPE_KEYS[0] in sd:  # ERW's model registers its RoPE tables only when use_rope is on
+        cfg["use_rope"] = True
     return cfg
 
 
+# ERW's model code keeps its 2-D RoPE (an EVA-02-style ``VisionRotaryEmbeddingFast``) as a module
+# ``feat_rope`` with persistent buffers (T, head_dim): the same tables erw_fast computes (first half of
+# each head's channels rotates with the row, second half with the column, adjacent pairs). They are
+# checked against ours on load and never written.
+ERW_ROPE_KEYS = ("feat_rope.freqs_cos", "feat_rope.freqs_sin")
+
+
+class WarmupCheckpointError(ValueError):
+    """A warmup checkpoint (ERW's phase 1) was given where a full model is needed."""
+
+
+def is_warmup_state_dict(sd: dict) -> bool:
+    """ERW's released warmup checkpoint holds blocks 0..L-1 and no final layer."""
+    return any(_BLOCK_KEY.match(k) for k in sd) and not any(k.startswith("final_layer.") for k in sd)
+
+
+def _strip_prefixes(state_dict: dict) -> dict:
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+
+
+def check_erw_rope(model: SiT, sd: dict, where: str = "checkpoint"):
+    """Verify ERW's ``feat_rope`` tables (when present) equal the model's RoPE tables."""
+    if not any(k in sd for k in ERW_ROPE_KEYS):
+        return
+    if not getattr(model, "use_rope", False):
+        raise ValueError(f"{where} holds ERW's RoPE tables (feat_rope.*) but the model was built without RoPE; "
+                         "load it with use_rope=True")
+    for key, own in zip(ERW_ROPE_KEYS, (model.rope_cos, model.rope_sin)):
+        theirs = sd.get(key)
+        if theirs is None or tuple(theirs.shape) != tuple(own.shape) or not torch.allclose(
+                theirs.float().cpu(), own.float().cpu(), atol=1e-5, rtol=0):
+            shape = None if theirs is None else tuple(theirs.shape)
+            raise ValueError(f"{where}: {key} {shape} is not erw_fast's 2-D RoPE table {tuple(own.shape)} "
+                             "(rows = tokens, first half rotates with the row, second with the column, adjacent "
+                             "pairs): a different RoPE, which this SiT cannot reproduce")
+
+
 def load_state_dict_checked(model: SiT, state_dict: dict, strict: bool = True):
-    """load_state_dict with prefixes stripped and a readable report of key mismatches."""
-    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    """load_state_dict with prefixes stripped and a readable report of key mismatches. ERW's RoPE
+    buffers are verified and set aside (the model computes the same tables)."""
+    sd = _strip_prefixes(state_dict)
+    check_erw_rope(model, sd)
+    sd = {k: v for k, v in sd.items() if k not in ERW_ROPE_KEYS}
     own = model.state_dict()
     shape_errors = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -186,6 +228,14 @@ def load_checkpoint(path_or_ckpt, model: Optional[SiT] = None, which: str = "ema
     """
     ckpt = read_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
     sd = select_state_dict(ckpt, which)
+    where = str(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else "the checkpoint"
+    if model is None and (is_warmup_state_dict(_strip_prefixes(sd)) or
+                          (isinstance(ckpt, dict) and ckpt.get("phase") == "warmup")):
+        depth = 1 + max((int(m.group(1)) for k in _strip_prefixes(sd) if (m := _BLOCK_KEY.match(k))), default=-1)
+        raise WarmupCheckpointError(
+            f"{where} is an ERW warmup checkpoint (blocks 0..{depth - 1} aligned to the target encoder, no trained "
+            "final layer): it cannot generate images. Start full training from it with "
+            f"`python -m erw_fast.train --warmup-from {where} ...`")
     if model is None:
         args = _args_dict(ckpt.get("args")) if isinstance(ckpt, dict) else {}
         cfg = dict(args.get("model_config", {})) or infer_config(sd, args)
