@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f">= --l2r-depth (default per model: {t['encoder_depth']} D, 3 T, 4 S/B, 8 L, 14 XL)")
     g.add_argument("--warmup-steps", type=int, help=f"ERW phase-1 steps (default {d['warmup_steps']} on digits; "
                    "ignored for repa/vanilla)")
+    g.add_argument("--warmup-from", metavar="CKPT", help="ERW: skip the warmup and start full training from this "
+                   "warmup checkpoint (one of our runs' end-of-warmup checkpoints, RUN/checkpoints/<warmup steps>.pt, "
+                   "or ERW's released 0100000.pt); its blocks set --l2r-depth and the step numbering; its cost is "
+                   "reported as reused, not charged to this run")
     g.add_argument("--steps", type=int, help=f"full-training (phase-2) steps (default {d['steps']} on digits)")
     g.add_argument("--lambda-schedule", choices=("halflife", "exp", "constant"),
                    help="λ(k) over phase-2 steps k: halflife λ0·2^(-k/h) (ERW default), exp λ0·exp(-k/τ), "

@@ -147,3 +147,38 @@ def resume_config(config: TrainConfig, ckpt_args: dict) -> TrainConfig:
     for k in RESUME_FROM_CALL:
         setattr(base, k, getattr(config, k))
     return base
+
+
+@dataclasses.dataclass
+class WarmupSource:
+    """A finished warmup to start full training from (``--warmup-from``): one of our runs'
+    end-of-warmup checkpoints, or ERW's released warmup checkpoint."""
+    path: str
+    state_dict: dict
+    steps: int
+    depth: int
+    rope: object            # True / False / None (unknown)
+    warmup_cost: object     # ours: the warmup_cost record; ERW's: None
+    model_config: object
+
+
+def read_warmup_source(path: str) -> WarmupSource:
+    from ..method.transfer import warmup_depth
+    from ..models.checkpoint import _args_dict, is_warmup_state_dict, select_state_dict
+
+    ckpt = read_checkpoint(path)
+    sd = select_state_dict(ckpt, "model")
+    ours = isinstance(ckpt, dict) and "phase" in ckpt
+    if (ours and ckpt["phase"] != "warmup") or (not ours and not is_warmup_state_dict(sd)):
+        step = ckpt.get("steps", "?") if isinstance(ckpt, dict) else "?"
+        raise ValueError(f"--warmup-from {path} is a full-training checkpoint (step {step}), not a warmup: continue "
+                         f"it with --resume {path}, or give a warmup checkpoint (a run's RUN/checkpoints/<warmup "
+                         "steps>.pt, or ERW's released 0100000.pt)")
+    args = _args_dict(ckpt.get("args")) if isinstance(ckpt, dict) else {}
+    rope = args.get("rope", args.get("use_rope"))
+    if rope is None and any(k.startswith("feat_rope.") for k in sd):
+        rope = True
+    steps = int(ckpt.get("steps", 0)) if isinstance(ckpt, dict) else 0
+    return WarmupSource(path, {k: v for k, v in sd.items() if not k.startswith("feat_rope.")}, steps,
+                        warmup_depth(sd), None if rope is None else bool(rope), ckpt.get("warmup_cost"),
+                        args.get("model_config"))

@@ -47,6 +47,7 @@ class TrainConfig:
     features: str = "online"                # online (run the encoder) | precomputed (extract_features shards)
     out: str = "runs/erw-digits"
     resume: Optional[str] = None           # None, "auto" (latest in out/checkpoints) or a path
+    warmup_from: Optional[str] = None      # ERW: skip phase 1, transfer from this warmup checkpoint
     # method
     l2r_depth: Optional[int] = None
     encoder_depth: Optional[int] = None
@@ -189,7 +190,7 @@ def _check_numbers(c: TrainConfig):
     for name in ("warmup_steps", "steps", "sample_every", "ckpt_every", "prefetch"):
         if getattr(c, name) < 0:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(c, name)}")
-    if c.steps == 0 and c.warmup_steps == 0:
+    if c.steps == 0 and (c.warmup_steps == 0 or c.warmup_from):
         raise ValueError("nothing to train: --steps 0 (and no warmup steps); give --steps N, or --warmup-steps N "
                          "for a warmup-only ERW run")
     for name in ("batch_size", "log_every"):

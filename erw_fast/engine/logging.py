@@ -53,11 +53,16 @@ def summary_lines(cfg, result, state) -> str:
     wc = state.warmup_cost or {}
     lines = [f"done: {cfg.method} {cfg.model} on {cfg.data}, {result.steps} steps in "
              f"{fmt_seconds(s.get('total_seconds', 0))}"]
+    reused = (state.transfer or {}).get("reused_warmup")
     if wc:
         lines.append(f"  warmup : {wc.get('steps')} steps, {fmt_seconds(wc.get('seconds', 0))}, "
                      f"{human_flops(wc.get('flops_total') or 0)}")
-        if state.transfer:
-            lines.append(f"  transfer: {state.transfer['num_keys']} tensors from step {state.transfer['from_step']}")
+    elif reused:
+        cost = human_flops(reused["flops_total"]) if reused.get("flops_total") else "FLOPs unknown"
+        lines.append(f"  warmup : reused from {reused['source']} ({reused['steps']} steps, {cost}; not charged to "
+                     "this run)")
+    if state.transfer:
+        lines.append(f"  transfer: {state.transfer['num_keys']} tensors from step {state.transfer['from_step']}")
     last = s.get("last") or {}
     nan = float("nan")
     lines.append(f"  train  : {cfg.steps} steps, {fmt_seconds(s.get('train_seconds', 0))}, "

@@ -165,6 +165,8 @@ def run_phase(run, phase: str, model, ckpt) -> str:
         if cfg.sample_every and not warm and step % cfg.sample_every == 0 and k < n_steps:
             sample_and_save(cfg, trainer.ema_model, run.data, run.dist.device, step, run.amp, run.dist.main,
                             run.log, run.result, run.dist.world)
+        if warm and k == n_steps:  # recorded before the end-of-warmup checkpoint, which carries it
+            _record_warmup_cost(run, trainer, seconds(), flops)
         if do_ckpt:
             _save(run, trainer, phase, step, k, seconds())
             window["saved"] = time.time()
@@ -188,17 +190,22 @@ def _stop(run, trainer, phase, step, k, seconds, saved: bool) -> str:
     return "interrupted" if signum is not None else "stopped"
 
 
+def _record_warmup_cost(run, trainer, seconds, flops):
+    cfg, W = run.cfg, run.cfg.warmup_steps
+    run.state.warmup_cost = dict(steps=W, seconds=seconds, flops_per_step=flops, flops_total=(flops or 0) * W,
+                                 trained_params=sum(p.numel() for p in trainer.params), batch_size=cfg.batch_size)
+    run.log.write({"event": "warmup_cost", **run.state.warmup_cost})
+    run.bar.message(f"warmup: {W} steps in {fmt_seconds(seconds)}, {human_flops((flops or 0) * W)} "
+                    f"({human_flops(flops or 0)}/step)")
+
+
 def _end_phase(run, trainer, phase, status, k, seconds, flops, last):
     cfg, st = run.cfg, run.state
     if status != "finished":
         return
     if phase == PHASE_WARMUP:
-        W = cfg.warmup_steps
-        st.warmup_cost = dict(steps=W, seconds=seconds, flops_per_step=flops, flops_total=(flops or 0) * W,
-                              trained_params=sum(p.numel() for p in trainer.params), batch_size=cfg.batch_size)
-        run.log.write({"event": "warmup_cost", **st.warmup_cost})
-        run.bar.message(f"warmup: {W} steps in {fmt_seconds(seconds)}, {human_flops((flops or 0) * W)} "
-                        f"({human_flops(flops or 0)}/step)")
+        if st.warmup_cost is None:
+            _record_warmup_cost(run, trainer, seconds, flops)
         return
     step = cfg.warmup_steps + k
     if not ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step in cfg.ckpt_at):

@@ -8,6 +8,7 @@ resumed run repeats the losses of an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -18,13 +19,13 @@ import torch
 
 from ..method.recipes import PHASE_TRAIN, PHASE_WARMUP, MethodSpec, get_method
 from ..method.schedules import AlignmentSchedule
-from ..method.transfer import transfer_warmup
+from ..method.transfer import transfer_warmup, warmup_mismatches
 from ..models.sit import SiT
 from ..utils.distributed import Dist, barrier, setup_distributed
 from ..utils.progress import RunProgress
 from ..utils.seeding import BatchIndexer
 from .build import build_net, fused_setting, load_encoders, schedule_of, uses_bf16
-from .checkpoint import (clear_failed_start, folder_holds_checkpoints, open_resume_checkpoint, remove_stale_temp_files,
+from .checkpoint import (read_warmup_source, clear_failed_start, folder_holds_checkpoints, open_resume_checkpoint, remove_stale_temp_files,
                          resume_config, truncate_metrics)
 from .config import TrainConfig, check_environment, resolve_config
 from .errors import NonFiniteLossError, RunFolderError  # noqa: F401  (re-exported)
@@ -97,6 +98,7 @@ def _open_run(config: TrainConfig, d: Dist):
         path, ckpt = open_resume_checkpoint(config)
         cfg = resolve_config(resume_config(config, ckpt["args"]))
     else:
+        config, warm = _with_warmup_source(config)
         cfg, ckpt, path = resolve_config(config), None, None
         if folder_holds_checkpoints(cfg.out):
             raise RunFolderError(f"output folder {cfg.out!r} already holds a run; pass --resume to continue it or "
@@ -104,7 +106,22 @@ def _open_run(config: TrainConfig, d: Dist):
     check_environment(cfg)
     if cfg.batch_size % d.world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
-    return cfg, ckpt, path
+    return cfg, ckpt, path, (warm if not config.resume else None)
+
+
+def _with_warmup_source(config: TrainConfig):
+    """``--warmup-from``: the reused warmup sets the warmup region and the step numbering."""
+    if not config.warmup_from:
+        return config, None
+    if not get_method(config.method).warmup:
+        raise ValueError(f"--warmup-from needs --method erw (got --method {config.method})")
+    if config.warmup_steps is not None:
+        raise ValueError("--warmup-from reuses a finished warmup: leave out --warmup-steps")
+    warm = read_warmup_source(config.warmup_from)
+    if config.l2r_depth is not None and config.l2r_depth != warm.depth:
+        raise ValueError(f"--l2r-depth {config.l2r_depth}, but the warmup in {warm.path} trained {warm.depth} blocks: "
+                         f"use --l2r-depth {warm.depth} or leave it out")
+    return dataclasses.replace(config, l2r_depth=warm.depth, warmup_steps=warm.steps), warm
 
 
 def _make_folder(cfg: TrainConfig, d: Dist, ckpt: Optional[dict], bar: RunProgress):
@@ -131,6 +148,8 @@ def _banner(run: Run) -> str:
         if cfg.lambda_schedule == "halflife":
             sched += f" half-life {cfg.half_life:g}"
     warm = f"warmup {cfg.warmup_steps} (L={cfg.l2r_depth}) + " if method.warmup else ""
+    if cfg.warmup_from:
+        warm = f"warmup reused from {cfg.warmup_from} ({cfg.warmup_steps} steps, L={cfg.l2r_depth}) + "
     return (f"erw_fast.train: {cfg.method} | {cfg.model} on {cfg.data} | encoder "
             f"{cfg.encoder if method.needs_encoder else '-'} | {warm}{cfg.steps} steps | batch {cfg.batch_size} "
             f"x {run.dist.world} proc | lr {cfg.lr:g} | λ {sched} @ block {cfg.encoder_depth} | EMA {cfg.ema_decay} "
@@ -140,20 +159,21 @@ def _banner(run: Run) -> str:
 
 def _train(config: TrainConfig) -> TrainResult:
     d = setup_distributed(config.device)
-    cfg, ckpt, ckpt_path = _open_run(config, d)
+    cfg, ckpt, ckpt_path, warm = _open_run(config, d)
     method = get_method(cfg.method)
     from ..data import load_train_data
 
     # everything that can be checked is checked before anything is written
     data = load_train_data(cfg.data, d.device)
     encoders = load_encoders(cfg, data, d.device)
+    full = _fitting_model(cfg, data, encoders, warm) if warm is not None else None
     bar = RunProgress(enabled=d.main, bar=cfg.progress)
     _make_folder(cfg, d, ckpt, bar)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     log = MetricsLog(cfg.out, enabled=d.main)
-    first = PHASE_WARMUP if (method.warmup and cfg.warmup_steps > 0) else PHASE_TRAIN
+    first = PHASE_WARMUP if (method.warmup and cfg.warmup_steps > 0 and warm is None) else PHASE_TRAIN
     state = RunState(first)
     if ckpt is not None:
         state = RunState(ckpt["phase"], int(ckpt["phase_step"]), ckpt.get("transfer"), ckpt.get("warmup_cost"),
@@ -166,7 +186,7 @@ def _train(config: TrainConfig) -> TrainResult:
     t0 = time.time()
     try:
         with run.signals:
-            status = _run_phases(run, ckpt)
+            status = _run_phases(run, ckpt, warm, full)
         run.result.status = status
         if status == "finished" and d.main:
             run.result.summary["total_seconds"] = time.time() - t0
@@ -177,7 +197,17 @@ def _train(config: TrainConfig) -> TrainResult:
         log.close()
 
 
-def _run_phases(run: Run, ckpt: Optional[dict]) -> str:
+def _fitting_model(cfg: TrainConfig, data, encoders, warm):
+    """The full model of a ``--warmup-from`` run, checked against the reused warmup before anything
+    is written: every mismatch names both shapes and the flag to change."""
+    model = build_net(cfg, data, [e.dim for e in encoders], warm=False)
+    problems = warmup_mismatches(warm.state_dict, model)
+    if problems:
+        raise ValueError(f"--warmup-from {warm.path} does not fit this run: " + "; ".join(problems))
+    return model
+
+
+def _run_phases(run: Run, ckpt: Optional[dict], warm=None, full: Optional[SiT] = None) -> str:
     cfg, state = run.cfg, run.state
     z_dims = [e.dim for e in run.encoders]
     warm_model = None
@@ -188,18 +218,34 @@ def _run_phases(run: Run, ckpt: Optional[dict]) -> str:
         if status != "finished":
             return status
         state.phase, state.phase_step, state.phase_seconds = PHASE_TRAIN, 0, 0.0
-    model = build_net(cfg, run.data, z_dims, warm=False)
+    model = full if full is not None else build_net(cfg, run.data, z_dims, warm=False)
     if ckpt is None and warm_model is not None:
-        _transfer(run, warm_model, model)
+        _transfer(run, warm_model.state_dict(), model, warm_model.config())
         del warm_model
+    elif ckpt is None and warm is not None:
+        _reuse(run, warm, model)
     return run_phase(run, PHASE_TRAIN, model, ckpt)
 
 
-def _transfer(run: Run, warm_model: SiT, model: SiT):
+def _reuse(run: Run, warm, model: SiT):
+    """Transfer from a reused warmup; its cost is recorded as reused, not charged to this run."""
+    if warm.rope is not None and warm.rope != run.cfg.rope:
+        run.bar.message(f"note: the warmup in {warm.path} was trained {'with' if warm.rope else 'without'} RoPE; "
+                        f"transferring into a model {'with' if run.cfg.rope else 'without'} it (as ERW's code does)")
+    cost = warm.warmup_cost or {}
+    reused = dict(source=warm.path, steps=warm.steps, flops_total=cost.get("flops_total"),
+                  seconds=cost.get("seconds"), charged=False)
+    _transfer(run, warm.state_dict, model, warm.model_config, reused=reused)
+    run.log.write({"event": "warmup_reused", **reused})
+
+
+def _transfer(run: Run, warm_state: dict, model: SiT, warm_config, reused: Optional[dict] = None):
     cfg = run.cfg
-    keys = transfer_warmup(warm_model.state_dict(), model)
+    keys = transfer_warmup(warm_state, model)
     run.state.transfer = dict(from_step=cfg.warmup_steps, num_keys=len(keys), keys=keys, l2r_depth=cfg.l2r_depth,
-                              warm_model_config=warm_model.config(), full_model_config=model.config())
+                              warm_model_config=warm_config, full_model_config=model.config())
+    if reused:
+        run.state.transfer["reused_warmup"] = reused
     run.log.write({"event": "transfer", **run.state.transfer})
     run.bar.message(f"transfer: copied {len(keys)} tensors (embedders, pos_embed, blocks 0..{cfg.l2r_depth - 1}, "
                     f"projectors) from warmup step {cfg.warmup_steps}; fresh optimizer, EMA reset")

@@ -27,16 +27,47 @@ def warmup_depth(warm_state_dict: Dict[str, torch.Tensor]) -> int:
     return max(ids) + 1
 
 
+def _transferable(key: str, L: int) -> bool:
+    m = _BLOCK.match(key)
+    return key == "pos_embed" or key.startswith(_TRANSFER_PREFIXES) or bool(m and int(m.group(1)) < L)
+
+
 def transfer_keys(warm_state_dict: Dict[str, torch.Tensor]) -> List[str]:
     """The keys a transfer copies: embedders, pos_embed, blocks 0..L-1, projectors."""
-    sd = {_strip(k) for k in warm_state_dict}
     L = warmup_depth(warm_state_dict)
-    keys = []
-    for k in sorted(sd):
-        m = _BLOCK.match(k)
-        if k == "pos_embed" or k.startswith(_TRANSFER_PREFIXES) or (m and int(m.group(1)) < L):
-            keys.append(k)
-    return keys
+    return [k for k in sorted({_strip(k) for k in warm_state_dict}) if _transferable(k, L)]
+
+
+# what a warmup's weights must share with the full model, read off shapes: (what, key, dim, flag)
+_FIT = (("width", "x_embedder.proj.weight", 0, "--model"),
+        ("input channels", "x_embedder.proj.weight", 1, "--data"),
+        ("patch size", "x_embedder.proj.weight", 2, "--model"),
+        ("token grid (tokens)", "pos_embed", 1, "--model / the data's resolution"),
+        ("MLP width", "blocks.0.mlp.fc1.weight", 0, "--model"),
+        ("label rows (classes + null)", "y_embedder.embedding_table.weight", 0, "--data / --class-dropout"),
+        ("projector width", "projectors.0.0.weight", 0, "--projector-dim"))
+
+
+def warmup_mismatches(warm_state_dict: Dict[str, torch.Tensor], model: torch.nn.Module) -> List[str]:
+    """How a warmup's weights do not fit ``model``, each naming both shapes and the flag to change."""
+    warm = {_strip(k): v for k, v in warm_state_dict.items()}
+    own = model.state_dict()
+    out = []
+    for what, key, dim, flag in _FIT:
+        if key in warm and key in own and warm[key].shape[dim] != own[key].shape[dim]:
+            out.append(f"{what}: warmup {warm[key].shape[dim]} vs this run {own[key].shape[dim]} ({flag})")
+    zw = [warm[k].shape[0] for k in sorted(warm) if re.match(r"^projectors\.\d+\.4\.weight$", k)]
+    zo = [own[k].shape[0] for k in sorted(own) if re.match(r"^projectors\.\d+\.4\.weight$", k)]
+    if zw != zo:
+        out.append(f"target feature dims: warmup {zw} vs this run {zo} (--encoder)")
+    qw, qo = "blocks.0.attn.q_norm.weight" in warm, "blocks.0.attn.q_norm.weight" in own
+    if qw != qo:
+        out.append(f"QK-norm: warmup {'on' if qw else 'off'} vs this run {'on' if qo else 'off'} "
+                   f"({'--qk-norm' if qw else '--no-qk-norm'})")
+    L, depth = warmup_depth(warm), len(getattr(model, "blocks", []))
+    if L > depth:
+        out.append(f"depth: the warmup has {L} blocks, this run's model {depth} (--model)")
+    return out
 
 
 @torch.no_grad()
@@ -64,11 +95,7 @@ def transfer_warmup(warm_state_dict: Dict[str, torch.Tensor], model: torch.nn.Mo
         elif own[k].shape != warm[k].shape:
             problems.append(f"{k}: warmup {tuple(warm[k].shape)} vs model {tuple(own[k].shape)}")
     # every transferable key of the full model must come from the warm weights
-    for k in own:
-        m = _BLOCK.match(k)
-        wanted = k == "pos_embed" or k.startswith(_TRANSFER_PREFIXES) or (m and int(m.group(1)) < L)
-        if wanted and k not in warm:
-            problems.append(f"{k}: missing from the warmup weights")
+    problems += [f"{k}: missing from the warmup weights" for k in own if _transferable(k, L) and k not in warm]
     if problems:
         raise ValueError("cannot transfer warmup weights:\n  " + "\n  ".join(problems))
     for k in keys:
