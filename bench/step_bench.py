@@ -210,7 +210,7 @@ class OursStep(TrainStep):
     # the step's phases, for phase_times (train_step runs exactly these, in this order)
     def targets(self, batch):
         self.trainer.use_objective(self.objective)
-        return self.trainer.targets(engine_batch(self.kind, batch))
+        return self.trainer.targets(engine_batch(self.kind, batch), self.k)
 
     def clip(self):
         self.trainer.clip_gradients()

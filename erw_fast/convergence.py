@@ -35,6 +35,7 @@ import sys
 from typing import List, Optional, Tuple
 
 from .evaluation.convergence import ALL_METHODS, StudyConfig, run_study
+from .utils.cli import add_debug_flag, run_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -82,15 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-seed", type=int, default=d.eval_seed, help="seed of the evaluation noise (shared by all runs)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no training progress bars")
+    add_debug_flag(p)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
+    """Run the study; errors are raised (``python -m`` turns them into one ``error:`` line, see
+    :func:`erw_fast.utils.cli.run_cli`). The report lists ``argv`` (without ``--debug``) as the command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     a = build_parser().parse_args(argv)
     cfg = StudyConfig(**{k: v for k, v in vars(a).items() if k in StudyConfig.__dataclass_fields__})
-    return run_study(cfg, argv)
+    return run_study(cfg, [v for v in argv if v != "--debug"])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -8,8 +8,11 @@ encoder), reference statistics from all 1,797 embedded digits; with labels (the 
 that ``erw_fast.sample`` writes, or the generated classes) it also reports the fraction of samples
 the classifier reads as the requested digit. ImageNet: ``--feature-net inception --inception
 PATH --ref REF.npz`` (REF holds ``mu``/``sigma`` from the same network, or images in ``arr_0``).
-Prints one JSON line; ``--json-out`` also writes it to a file. The library behind it is
-:func:`erw_fast.evaluation.samples.evaluate`.
+The digits network refuses images that are not greyscale 8..16 px squares (N, S, S, 1) and labels
+outside 0..9. ``--ckpt`` may be a run folder (its latest checkpoint); sampling shows a progress bar
+(``--no-progress`` to hide it). Prints one JSON line; ``--json-out`` also writes it to a file.
+Errors print one line ``error: ...`` (status 2; ``--debug`` for the traceback). The library behind
+it is :func:`erw_fast.evaluation.samples.evaluate`.
 """
 from __future__ import annotations
 
@@ -18,14 +21,17 @@ import json
 import sys
 
 from .evaluation.samples import evaluate
+from .utils.cli import add_debug_flag, run_cli
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m erw_fast.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="checkpoint to sample from (EMA weights by default)")
-    src.add_argument("--npz", help="sample file with arr_0 (uint8 N×H×W×C) and optional labels")
+    src.add_argument("--ckpt", help="checkpoint to sample from (EMA weights by default), or a run folder (its "
+                     "latest checkpoints/*.pt)")
+    src.add_argument("--npz", help="sample file with arr_0 (uint8 N×H×W×C) and optional labels (for the "
+                     "digits network: greyscale N×S×S×1, 8 <= S <= 16, labels 0..9)")
     p.add_argument("--feature-net", default="digits", choices=("digits", "inception"))
     p.add_argument("--inception", default=None, help="local TorchScript Inception-v3 file (for --feature-net inception)")
     p.add_argument("--ref", default=None, help="reference .npz (mu/sigma or arr_0); default: the embedded digits")
@@ -35,22 +41,27 @@ def build_parser():
     g.add_argument("--weights", choices=("ema", "model"), default="ema")
     g.add_argument("--sampler", default="sde")
     g.add_argument("--steps", type=int, default=250)
-    g.add_argument("--cfg-scale", type=float, default=1.0)
+    g.add_argument("--cfg-scale", type=float, default=1.0, help="guidance scale, finite and >= 0 (default 1: none)")
     g.add_argument("--guidance-interval", default="0,1")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=250)
     g.add_argument("--device", default=None)
     g.add_argument("--save-npz", default=None, help="also keep the generated samples here")
+    g.add_argument("--no-progress", action="store_true", help="no sampling progress bar (on a non-terminal the "
+                   "bar prints a line at most every 10 s, and the last one)")
+    add_debug_flag(p)
     return p
 
 
 def main(argv=None) -> dict:
+    """Run the CLI; errors are raised (``python -m`` turns them into one ``error:`` line, see
+    :func:`erw_fast.utils.cli.run_cli`)."""
     a = build_parser().parse_args(argv)
     result = evaluate(a.npz, a.ckpt, feature_net=a.feature_net, inception=a.inception, ref=a.ref,
                       num_samples=a.num_samples, weights=a.weights, sampler=a.sampler, steps=a.steps,
                       cfg_scale=a.cfg_scale, guidance_interval=a.guidance_interval, seed=a.seed,
                       batch_size=a.batch_size, device=a.device, save_npz=a.save_npz,
-                      show_progress=sys.stderr.isatty())
+                      show_progress=not a.no_progress)
     line = json.dumps(result)
     print(line)
     if a.json_out:
@@ -60,4 +71,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

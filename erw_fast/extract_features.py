@@ -8,6 +8,9 @@ an ``index.json`` (encoder, token grid, width, count). Resumable like preprocess
 are kept; a partial one is redone). Training with ``--features precomputed`` then reads these
 instead of running the encoder (and does not read the images). fp16 storage: DINOv2-B at 256 px is
 256 × 768 × 2 B = 384 KB per image (~490 GB for ImageNet-1k, half of an fp32 store).
+
+Errors (a missing dataset or encoder, a bad option) print one line ``error: ...`` and exit with
+status 2; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import argparse
 import sys
 
 from .data.features import extract_features
+from .utils.cli import add_debug_flag, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,19 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoder compute precision: auto = as online training does (bf16 autocast on CUDA)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present; the local "
                    "rank's GPU under torchrun)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_debug_flag(p)
     return p
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     a = build_parser().parse_args(argv)
-    try:
-        extract_features(a.data, a.encoder, a.encoder_path, a.encoder_source, a.token_grid, a.model_patch,
-                         a.batch_size, a.out, a.device, a.progress, precision=a.precision)
-    except (ImportError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    extract_features(a.data, a.encoder, a.encoder_path, a.encoder_source, a.token_grid, a.model_patch,
+                     a.batch_size, a.out, a.device, a.progress, precision=a.precision)
     return 0
+
+
+def main(argv=None) -> int:
+    """The command line: errors as one ``error: ...`` line and status 2 (see :func:`erw_fast.utils.cli.run_cli`)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

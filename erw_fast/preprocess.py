@@ -14,6 +14,9 @@ stored as posterior mean ‖ std (fp16), label and the cropped uint8 image, in f
 Resumable: a finished shard (its ``.json`` marker written last, files complete) is kept and
 skipped on a rerun with the same ``--out``; a partial one is redone. With ``torchrun`` every rank
 encodes shards ``k ≡ rank (mod world)`` and rank 0 writes ``index.json`` when all are done.
+
+Errors (a missing folder, a bad image, a missing VAE or diffusers) print one line ``error: ...``
+and exit with status 2; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ import argparse
 import sys
 
 from .data.prepare import preprocess
-from .data.shards import LatentDataError, PreprocessError
 from .data.vae import DEFAULT_VAE
+from .utils.cli import add_debug_flag, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,21 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "them (ADM/REPA behaviour)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present; the local "
                    "rank's GPU under torchrun)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_debug_flag(p)
     return p
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        preprocess(images=args.images, out=args.out, resolution=args.resolution, vae=args.vae,
-                   batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers,
-                   small_images=args.small_images, vae_dtype=args.vae_dtype, from_repa=args.from_repa,
-                   progress=args.progress, device=args.device)
-    except (ImportError, FileNotFoundError, LatentDataError, PreprocessError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    preprocess(images=args.images, out=args.out, resolution=args.resolution, vae=args.vae,
+               batch_size=args.batch_size, shard_size=args.shard_size, workers=args.workers,
+               small_images=args.small_images, vae_dtype=args.vae_dtype, from_repa=args.from_repa,
+               progress=args.progress, device=args.device)
     return 0
+
+
+def main(argv=None) -> int:
+    """The command line: errors as one ``error: ...`` line and status 2 (see :func:`erw_fast.utils.cli.run_cli`)."""
+    return run_cli(_main, argv)
 
 
 if __name__ == "__main__":

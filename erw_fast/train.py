@@ -32,13 +32,8 @@ def _fused(v: str):
     raise argparse.ArgumentTypeError(f"--fused takes auto, on, off, triton or torch; got {v!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    d = DATA_DEFAULTS["digits"]
-    t = MODEL_DEFAULTS["D"]
-    p = argparse.ArgumentParser(
-        prog="python -m erw_fast.train", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("method")
+def _method_flags(g, d, t):
+    """The "method" flags."""
     g.add_argument("--method", default="erw", help="erw (warmup + transfer + full training with decaying λ), "
                    "repa (constant λ from scratch), vanilla (velocity loss only) or erw-nowarmup (control: ERW's "
                    "decaying λ without the warmup). Default: erw")
@@ -61,10 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--half-life", type=float, help=f"λ half-life in phase-2 steps (default {d['half_life']} on "
                    "digits; 50000 in the ImageNet recipe)")
     g.add_argument("--tau", type=float, help="time constant of the exp schedule (default half-life / ln 2)")
+    g.add_argument("--align-until", type=int, metavar="K", help="REPA/ERW: stop the alignment at phase-2 step K "
+                   "(λ = 0 from K on, and no target-encoder forward, projector or alignment loss: the step gets "
+                   "cheaper; HASTE, 2025). Default: never")
+    g.add_argument("--lambda-min", type=float, default=0.0, help="a λ that the schedule has decayed below this counts "
+                   "as 0 and stops the alignment as --align-until does (default 0: off)")
     g.add_argument("--align-loss", default="cosine", choices=("cosine", "ntxent"),
                    help="alignment loss: negative cosine per token (default) or NT-Xent with in-batch negatives")
     g.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature (default 0.1)")
-    g = p.add_argument_group("model")
+
+def _model_flags(g, d, t):
+    """The "model" flags."""
     g.add_argument("--model", help=f"SiT size, e.g. SiT-T/2, SiT-S/2, SiT-B/2, SiT-XL/2 (default {d['model']} on digits)")
     g.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True,
                    help="2-D rotary position embedding in attention, same in both phases (default on, as ERW)")
@@ -80,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "on digits, 2048 as REPA otherwise)")
     g.add_argument("--class-dropout", type=float, default=0.1, help="label dropout for guidance (default 0.1)")
     g.add_argument("--compile", action="store_true", help="torch.compile each SiT block (fullgraph)")
-    g = p.add_argument_group("optimisation")
+
+def _optimisation_flags(g, d, t):
+    """The "optimisation" flags."""
     g.add_argument("--batch-size", type=int, help=f"global batch over all processes (default {d['batch_size']} on digits)")
     g.add_argument("--lr", type=float, help=f"AdamW learning rate, constant (default {d['lr']} on digits, 1e-4 ImageNet)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default 1.0)")
@@ -92,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 helps on a "
                    "machine shared with other jobs)")
-    g = p.add_argument_group("data and target encoder")
+
+def _data_and_target_encoder_flags(g, d, t):
+    """The "data and target encoder" flags."""
     g.add_argument("--data", default="digits", help="dataset: digits (default, the embedded handwritten digits) "
                    "or a latent dataset folder from `python -m erw_fast.preprocess` (or REPA's images/ + vae-sd/ "
                    "layout); latent runs default to the ImageNet recipe (SiT-XL/2, batch 256, ...)")
@@ -111,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--features", default="online", choices=("online", "precomputed"),
                    help="target features: run the encoder each step (default), or read the fp16 shards written by "
                    "`python -m erw_fast.extract_features` (skips the encoder and the image reads)")
-    g = p.add_argument_group("output")
+
+def _output_flags(g, d, t):
+    """The "output" flags."""
     g.add_argument("--out", default="runs/erw-digits", help="output folder (default runs/erw-digits); a folder "
                    "holding another run is refused unless --resume")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
@@ -133,6 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
                    f"(default {d['cfg_scale']} on digits)")
     g.add_argument("--samples-per-class", type=int, help=f"grid columns (default {d['samples_per_class']})")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (messages and the final summary still print)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DATA_DEFAULTS["digits"]
+    t = MODEL_DEFAULTS["D"]
+    p = argparse.ArgumentParser(
+        prog="python -m erw_fast.train", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _method_flags(p.add_argument_group("method"), d, t)
+    _model_flags(p.add_argument_group("model"), d, t)
+    _optimisation_flags(p.add_argument_group("optimisation"), d, t)
+    _data_and_target_encoder_flags(p.add_argument_group("data and target encoder"), d, t)
+    _output_flags(p.add_argument_group("output"), d, t)
     add_debug_flag(p)
     return p
 

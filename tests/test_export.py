@@ -199,6 +199,7 @@ def test_seed_reproduces_sample_grid_and_batching(erw_sample, package, tiny_mode
 
 
 def test_metadata(package):
+    assert sorted(os.listdir(os.path.dirname(package))) == ["model.pt2", "model.pt2.json"]  # renamed into place
     meta = json.load(open(package + ".json"))
     assert meta["erw.format"] == "erw_guided_velocity/1"
     assert meta["erw.input_size"] == "8" and meta["erw.in_channels"] == "4"
@@ -275,6 +276,46 @@ def test_export_without_aoti_packaging(monkeypatch, tmp_path):
 def test_export_rejects_bad_flags(tiny_ckpt, tmp_path):
     r = _export("--ckpt", tiny_ckpt, "--out", tmp_path / "m.pt2", "--weights", "best")
     assert r.returncode == 2 and "--weights" in r.stderr
+
+
+def test_failed_export_keeps_the_existing_package(tiny_ckpt, tmp_path, monkeypatch):
+    """The package is built under a temporary name beside --out and renamed at the end: a failed compile
+    (here simulated: a real one takes minutes) leaves the previous package and its .json as they were."""
+    import torch._inductor as inductor
+
+    out = tmp_path / "model.pt2"
+    out.write_bytes(b"the previous package")
+    (tmp_path / "model.pt2.json").write_text('{"erw.steps": "1"}')
+    seen = []
+
+    def failing_compile(ep, package_path=None, inductor_configs=None):
+        seen.append(package_path)
+        with open(package_path, "wb") as f:
+            f.write(b"half a package")
+        raise RuntimeError("simulated compiler failure\n(the compiler's output)")
+
+    monkeypatch.setattr(inductor, "aoti_compile_and_package", failing_compile)
+    r = _export("--ckpt", tiny_ckpt, "--out", out)
+    assert r.returncode == 2
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert errors == [f"error: the AOTInductor compile failed (RuntimeError: simulated compiler failure); {out} is "
+                      "unchanged. A C++ compiler (CXX, default g++) must work; rerun with --debug for the full error"]
+    assert os.path.dirname(seen[0]) == str(tmp_path) and seen[0] != str(out) and seen[0].endswith(".pt2")
+    assert out.read_bytes() == b"the previous package"
+    assert json.loads((tmp_path / "model.pt2.json").read_text()) == {"erw.steps": "1"}
+    assert sorted(os.listdir(tmp_path)) == ["model.pt2", "model.pt2.json"]  # no partial file left behind
+
+    def working_compile(ep, package_path=None, inductor_configs=None):
+        with open(package_path, "wb") as f:
+            f.write(b"the new package")
+        return package_path
+
+    monkeypatch.setattr(inductor, "aoti_compile_and_package", working_compile)
+    r = _export("--ckpt", tiny_ckpt, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == b"the new package"
+    assert json.loads((tmp_path / "model.pt2.json").read_text())["erw.steps"] == "3"
+    assert sorted(os.listdir(tmp_path)) == ["model.pt2", "model.pt2.json"]
 
 
 # --------------------------------------------------------------------------------------------

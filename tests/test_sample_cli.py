@@ -200,3 +200,91 @@ def test_latent_model_is_decoded_with_a_local_sd_vae(tmp_path):
     with pytest.raises(FileNotFoundError, match="VAE|vae"):
         main(["--ckpt", str(path), "--num-samples", "1", "--out", str(tmp_path / "x.npz"), "--vae",
               str(tmp_path / "no_such_vae"), "--steps", "1", "--no-progress"])
+
+
+# --------------------------------------------------------------------------------------------
+# Refusals, run folders and progress output ("nothing lost, nothing confusing")
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", ["-1", "nan", "inf"])
+def test_cfg_scale_must_be_finite_and_non_negative(ckpt, tmp_path, scale):
+    from erw_fast.evaluate import main as evaluate
+
+    out = tmp_path / "g.npz"
+    with pytest.raises(ValueError, match=r"--cfg-scale must be a finite number >= 0"):
+        main(["--ckpt", ckpt, "--num-samples", "2", "--out", str(out), "--steps", "1", "--no-progress",
+              "--cfg-scale", scale])
+    with pytest.raises(ValueError, match=r"--cfg-scale must be a finite number >= 0"):
+        evaluate(["--ckpt", ckpt, "--num-samples", "2", "--steps", "1", "--no-progress", "--cfg-scale", scale])
+    assert not out.exists()
+
+
+def _run_folder(tmp_path):
+    """A run folder with two step checkpoints; the later one (step 20) holds other EMA weights."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for step, seed in ((10, 1), (20, 3)):
+        torch.save({"model": _random_sit(0).state_dict(), "ema": _random_sit(seed).state_dict(),
+                    "args": {"model_config": CFG}, "steps": step}, run / "checkpoints" / f"{step:07d}.pt")
+    return run
+
+
+def test_ckpt_may_be_a_run_folder(tmp_path, capsys):
+    from erw_fast.evaluate import main as evaluate
+
+    run = _run_folder(tmp_path)
+    latest = str(run / "checkpoints" / "0000020.pt")
+    common = ["--num-samples", "4", "--steps", "2", "--no-progress", "--no-png"]
+    main(["--ckpt", str(run), "--out", str(tmp_path / "folder.npz")] + common)
+    assert f"using the latest checkpoint of {run}: {latest}" in capsys.readouterr().err
+    main(["--ckpt", latest, "--out", str(tmp_path / "file.npz")] + common)
+    main(["--ckpt", str(run / "checkpoints" / "0000010.pt"), "--out", str(tmp_path / "older.npz")] + common)
+    folder, file, older = (_load(tmp_path / f"{n}.npz")[0] for n in ("folder", "file", "older"))
+    assert np.array_equal(folder, file) and not np.array_equal(folder, older)
+    res = evaluate(["--ckpt", str(run), "--num-samples", "4", "--steps", "1", "--no-progress"])
+    assert res["ckpt"] == latest
+
+
+def test_evaluate_refuses_what_the_digits_network_cannot_score(ckpt, tmp_path):
+    from erw_fast.evaluate import main as evaluate
+
+    rgb = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", arr_0=rgb)
+    with pytest.raises(ValueError, match=r"rgb\.npz: images of shape \(5, 32, 32, 3\).*greyscale"):
+        evaluate(["--npz", str(tmp_path / "rgb.npz")])
+    grey = np.zeros((11, 8, 8, 1), np.uint8)
+    np.savez(tmp_path / "labels.npz", arr_0=grey, labels=np.arange(11))
+    with pytest.raises(ValueError, match=r"labels range 0\.\.10, but the digits classifier reads the classes 0\.\.9"):
+        evaluate(["--npz", str(tmp_path / "labels.npz")])
+    np.savez(tmp_path / "neg.npz", arr_0=grey, labels=np.full(11, -1))
+    with pytest.raises(ValueError, match=r"labels range -1\.\.-1"):
+        evaluate(["--npz", str(tmp_path / "neg.npz")])
+    np.savez(tmp_path / "ok.npz", arr_0=grey, labels=np.arange(11) % 10)  # labels 0..9: scored
+    assert 0 <= evaluate(["--npz", str(tmp_path / "ok.npz")])["accuracy"] <= 1
+    # a checkpoint whose samples are RGB is refused before it samples
+    path = tmp_path / "rgb.pt"
+    torch.save({"ema": _random_sit(0, in_channels=3).state_dict(), "args": {"model_config": {**CFG, "in_channels": 3}}},
+               path)
+    with pytest.raises(ValueError, match=r"--ckpt .*rgb\.pt: images of shape \(4, 8, 8, 3\)"):
+        evaluate(["--ckpt", str(path), "--num-samples", "4", "--steps", "1"])
+
+
+def test_evaluate_checkpoint_shows_progress_off_a_terminal(ckpt, capsys):
+    from erw_fast.evaluate import main as evaluate
+
+    evaluate(["--ckpt", ckpt, "--num-samples", "6", "--steps", "1", "--batch-size", "4"])
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "sampling" in err and err.count("6/6") == 1
+    evaluate(["--ckpt", ckpt, "--num-samples", "6", "--steps", "1", "--no-progress"])
+    assert "sampling" not in capsys.readouterr().err
+
+
+def test_sample_progress_prints_its_last_line_once(ckpt, tmp_path, capsys, monkeypatch):
+    from erw_fast.utils import progress
+
+    monkeypatch.setattr(progress, "NON_TTY_INTERVAL", 0.0)  # print on every update, the final one included
+    main(["--ckpt", ckpt, "--num-samples", "3", "--out", str(tmp_path / "p.npz"), "--steps", "1",
+          "--batch-size", "1", "--no-png"])
+    err = capsys.readouterr().err
+    bars = [s for s in err.replace("\r", "\n").splitlines() if s.startswith("sampling")]
+    assert [b.split("|")[2].split()[0] for b in bars] == ["0/3", "1/3", "2/3", "3/3"], bars
+    assert err.count("3/3") == 1 and "wrote" in err

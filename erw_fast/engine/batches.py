@@ -43,9 +43,10 @@ class BatchSource:
         gstep = self.offset + k
         idx, j = self.indexer.batch(gstep)
         ids = j.tolist()
-        x, y, pixels = self.data.batch(idx, self.seed, gstep, ids, with_pixels=self.need_pixels)
+        aligning = self.objective.needs(k).targets  # once the alignment stopped: no image or feature reads
+        x, y, pixels = self.data.batch(idx, self.seed, gstep, ids, with_pixels=self.need_pixels and aligning)
         noise, t, drop = self.objective.draws(self.seed, gstep, ids, self.shape, self.dropout)
-        features = [enc.features(idx) if p else None for enc, p in zip(self.encoders, self.precomputed)]
+        features = [enc.features(idx) if p and aligning else None for enc, p in zip(self.encoders, self.precomputed)]
         out = (x, y, noise, t, drop, pixels, features)
         if self.pin:
             out = map_tensors(lambda v: v.pin_memory() if v.device.type == "cpu" else v, out)

@@ -71,7 +71,8 @@ def fused_setting(cfg: TrainConfig, device):
     return ops.resolve_fused(cfg.fused, torch.device(device))
 
 def schedule_of(cfg: TrainConfig) -> AlignmentSchedule:
-    return AlignmentSchedule(cfg.lambda_schedule, cfg.lambda0, cfg.half_life, cfg.tau)
+    return AlignmentSchedule(cfg.lambda_schedule, cfg.lambda0, cfg.half_life, cfg.tau, until=cfg.align_until,
+                             minimum=cfg.lambda_min)
 
 
 def phase_trainer(cfg: TrainConfig, phase: str, model: SiT, encoders: List, device, fused_align, amp: bool,

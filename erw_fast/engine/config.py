@@ -57,6 +57,8 @@ class TrainConfig:
     lambda0: Optional[float] = None
     half_life: Optional[float] = None
     tau: Optional[float] = None
+    align_until: Optional[int] = None       # phase-2 step from which the alignment stops (HASTE)
+    lambda_min: float = 0.0                  # a decayed λ below this counts as 0 (the alignment stops)
     align_loss: str = "cosine"
     temperature: float = 0.1
     # model
@@ -214,6 +216,12 @@ def _check_numbers(c: TrainConfig):
         _finite(c, "half_life", 0, low_open=True)
     if c.tau is not None:
         _finite(c, "tau", 0, low_open=True)
+    if (c.align_until is not None or c.lambda_min) and not get_method(c.method).align:
+        raise ValueError(f"--align-until / --lambda-min stop the alignment term, which --method {c.method} does "
+                         "not have")
+    if c.align_until is not None and c.align_until < 0:
+        raise ValueError(f"--align-until must be >= 0 (a phase-2 step), got {c.align_until}")
+    _finite(c, "lambda_min", 0)
 
 
 def _check_sampling(c: TrainConfig):

@@ -66,7 +66,7 @@ def summary_lines(cfg, result, state) -> str:
     last = s.get("last") or {}
     nan = float("nan")
     lines.append(f"  train  : {cfg.steps} steps, {fmt_seconds(s.get('train_seconds', 0))}, "
-                 f"{human_flops((s.get('train_flops_per_step') or 0) * cfg.steps)}; final loss "
+                 f"{human_flops(s.get('train_flops_total') or 0)}; final loss "
                  f"{last.get('loss', nan):.4f} (velocity {last.get('loss_velocity', nan):.4f}, "
                  f"align {last.get('loss_align', nan):.4f})")
     if "sample_accuracy" in s:

@@ -33,13 +33,40 @@ def build_trainer(run, phase: str, model, ckpt):
         _restore(run, trainer, ckpt)
     batches = BatchSource(run.data, run.encoders, trainer.objective, run.indexer, cfg.seed, cfg.class_dropout, offset,
                           d.device, prefetch=cfg.prefetch)
-    k0 = k if k < n_steps else 0
-    try:  # FLOPs of one step (forward + backward + target encoder), eager, before DDP
-        flops = trainer.count_step_flops(batches.get(k0), k0) * d.world
-    except Exception:  # pragma: no cover - flop counting is best effort
-        flops = None
+    flops = _count_flops(trainer, batches, k, n_steps, d.world)
     trainer.wrap(compile=cfg.compile, world=d.world)
     return trainer, batches, flops
+
+
+class StepFlops:
+    """FLOPs of one step (forward + backward + target encoder): ``aligned`` until phase step
+    ``stop_at`` (the alignment stop, if any), ``unaligned`` from then on."""
+
+    def __init__(self, aligned, unaligned=None, stop_at=None):
+        self.aligned, self.unaligned, self.stop_at = aligned, unaligned, stop_at
+
+    def at(self, k: int):
+        return self.unaligned if (self.stop_at is not None and k >= self.stop_at) else self.aligned
+
+    def total(self, n: int):
+        if self.aligned is None:
+            return None
+        return sum((self.at(k) or 0) for k in range(n)) if self.stop_at is not None else self.aligned * n
+
+
+def _count_flops(trainer, batches, k, n_steps, world) -> StepFlops:
+    """Counted on the eager objective before DDP; best effort (None if the counter fails)."""
+    schedule = trainer.objective.schedule if trainer.objective.may_stop_aligning else None
+    stop = schedule.first_inactive(n_steps) if schedule is not None else None
+    k0 = k if k < n_steps else 0
+    try:
+        on = trainer.count_step_flops(batches.get(k0), k0) * world
+        off = trainer.count_step_flops(batches.get(stop), stop) * world if stop is not None else None
+    except Exception:  # pragma: no cover
+        return StepFlops(None)
+    if stop is not None and k0 >= stop:
+        on = None  # resumed after the stop: the aligned count is not needed
+    return StepFlops(on, off, stop)
 
 
 def _restore(run, trainer: Trainer, ckpt: dict):
@@ -97,12 +124,14 @@ def _check_finite(run, trainer: Trainer, phase: str):
         raise NonFiniteLossError(msg)
 
 
-def _log(run, phase: str, out, step: int, k: int, n_steps: int, window: dict, elapsed: float) -> dict:
+def _log(run, phase: str, out, step: int, k: int, n_steps: int, window: dict, elapsed: float, flops) -> dict:
     lv, av, vv = out.loss.item(), out.align.item(), out.vel.item()
     dt = max(time.time() - window["t0"], 1e-9)
     rate = window["imgs"] / dt
     rec = dict(phase=phase, step=step, phase_step=k, loss=lv, loss_align=av, loss_velocity=vv,
                **{"lambda": out.lam}, grad_norm=float(out.grad_norm), img_per_s=rate, lr=run.cfg.lr, time=elapsed)
+    if flops.stop_at is not None:  # with an alignment stop, the step's cost changes: log it
+        rec["flops_per_step"] = flops.at(k - 1)
     run.log.write(rec)
     warm = phase == PHASE_WARMUP
     fields = {"loss": lv}
@@ -161,7 +190,7 @@ def run_phase(run, phase: str, model, ckpt) -> str:
         if do_log or do_ckpt or stop_now:
             _check_finite(run, trainer, phase)
         if do_log:
-            last = _log(run, phase, out, step, k, n_steps, window, seconds())
+            last = _log(run, phase, out, step, k, n_steps, window, seconds(), flops)
         if cfg.sample_every and not warm and step % cfg.sample_every == 0 and k < n_steps:
             sample_and_save(cfg, trainer.ema_model, run.data, run.dist.device, step, run.amp, run.dist.main,
                             run.log, run.result, run.dist.world)
@@ -192,11 +221,12 @@ def _stop(run, trainer, phase, step, k, seconds, saved: bool) -> str:
 
 def _record_warmup_cost(run, trainer, seconds, flops):
     cfg, W = run.cfg, run.cfg.warmup_steps
-    run.state.warmup_cost = dict(steps=W, seconds=seconds, flops_per_step=flops, flops_total=(flops or 0) * W,
+    per_step = flops.aligned
+    run.state.warmup_cost = dict(steps=W, seconds=seconds, flops_per_step=per_step, flops_total=(per_step or 0) * W,
                                  trained_params=sum(p.numel() for p in trainer.params), batch_size=cfg.batch_size)
     run.log.write({"event": "warmup_cost", **run.state.warmup_cost})
-    run.bar.message(f"warmup: {W} steps in {fmt_seconds(seconds)}, {human_flops((flops or 0) * W)} "
-                    f"({human_flops(flops or 0)}/step)")
+    run.bar.message(f"warmup: {W} steps in {fmt_seconds(seconds)}, {human_flops((per_step or 0) * W)} "
+                    f"({human_flops(per_step or 0)}/step)")
 
 
 def _end_phase(run, trainer, phase, status, k, seconds, flops, last):
@@ -212,5 +242,6 @@ def _end_phase(run, trainer, phase, status, k, seconds, flops, last):
         _save(run, trainer, phase, step, k, seconds)
     sample_and_save(cfg, trainer.ema_model, run.data, run.dist.device, step, run.amp, run.dist.main, run.log,
                     run.result, run.dist.world)
-    run.result.summary.update(train_seconds=seconds, train_flops_per_step=flops, last=last,
+    run.result.summary.update(train_seconds=seconds, train_flops_per_step=flops.aligned,
+                              train_flops_total=flops.total(cfg.steps), last=last,
                               warmup_cost=st.warmup_cost, transfer_keys=(st.transfer or {}).get("num_keys"))

@@ -80,7 +80,9 @@ class Trainer:
             self.model.compile_blocks()
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.runner = nn.parallel.DistributedDataParallel(self.objective, device_ids=ids)
+            # a stopped alignment leaves the projectors without gradients from then on
+            self.runner = nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=ids, find_unused_parameters=self.objective.may_stop_aligning)
         return self
 
     def use_objective(self, objective: Objective):
@@ -91,9 +93,10 @@ class Trainer:
         self.objective = self.runner = objective
 
     # ---------------------------------------------------------------- the step
-    def targets(self, batch: Batch) -> List[torch.Tensor]:
-        """Target features: the encoder on the batch's pixels, or the precomputed features."""
-        return self._encode(batch) if self.objective.needs.targets else []
+    def targets(self, batch: Batch, k: int = 0) -> List[torch.Tensor]:
+        """Target features at phase step ``k``: the encoder on the batch's pixels, or the precomputed
+        features; none once the alignment has stopped."""
+        return self._encode(batch) if self.objective.needs(k).targets else []
 
     @torch.no_grad()
     def _encode(self, batch: Batch) -> List[torch.Tensor]:
@@ -101,7 +104,7 @@ class Trainer:
 
     def loss(self, batch: Batch, k: int, runner: Optional[nn.Module] = None):
         """(loss, align, vel, λ) of ``batch`` at phase step ``k``."""
-        targets = self.targets(batch)
+        targets = self.targets(batch, k)
         lam = self.objective.weight(k)
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             loss, align, vel = (runner or self.runner)(batch.x, batch.noise, batch.t, batch.y, batch.drop, targets,
@@ -121,7 +124,7 @@ class Trainer:
         self._step.add_(1)
         self.opt.step()
         self.update_ema()
-        return StepOutput(loss.detach(), align, vel, gnorm, lam)
+        return StepOutput(loss.detach(), align, vel, gnorm, 0.0 if lam is None else lam)
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip the gradient norm to ``grad_clip`` (0 = off); returns the norm before clipping."""

@@ -35,6 +35,10 @@ NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
 DOCS_DOC, DOCS_PLOT = "docs/convergence.md", "docs/images/convergence.png"
 
 
+class StudyError(RuntimeError):
+    """A study run that did not finish (the command line reports it in one line)."""
+
+
 @dataclass
 class StudyConfig:
     out: str = "runs/convergence"
@@ -220,7 +224,7 @@ def train_run(cfg: StudyConfig, plan: RunPlan, seed: int) -> str:
     t0 = time.time()
     res = train(tc)
     if res.status != "finished":
-        raise RuntimeError(f"{out}: training ended with status {res.status!r}; run the same command again to "
+        raise StudyError(f"{out}: training ended with status {res.status!r}; run the same command again to "
                            "resume it (finished runs and evaluations are kept)")
     with open(done, "w") as f:
         json.dump({"summary": res.summary, "steps": res.steps, "wall_seconds": time.time() - t0}, f, default=str)

@@ -40,25 +40,42 @@ class Objective(nn.Module):
         self.temperature = temperature
         self.fused_align = fused_align
 
+    def aligning(self, k: int) -> bool:
+        """Whether phase step ``k`` computes the alignment term (the warmup always does; full training
+        while the method aligns and the schedule has not stopped it)."""
+        if self.warm_blocks:
+            return True
+        return self.align and (self.schedule is None or self.schedule.active(k))
+
+    def needs(self, k: int) -> StepNeeds:
+        """What phase step ``k`` reads: no targets (no encoder, no features) once the alignment stopped."""
+        return StepNeeds(noise=not self.warm_blocks, targets=self.aligning(k))
+
     @property
-    def needs(self) -> StepNeeds:
-        return StepNeeds(noise=not self.warm_blocks, targets=self.align)
+    def may_stop_aligning(self) -> bool:
+        """True when some full-training step can leave the projectors without gradients."""
+        return bool(self.align and not self.warm_blocks and self.schedule is not None
+                    and (self.schedule.until is not None or self.schedule.minimum > 0))
 
     def draws(self, seed: int, step: int, sample_ids: List[int], shape, dropout: float):
         """(ε or None, t, label drop) of these samples at global ``step``; t = 0 in the warmup."""
         stream = STREAM_WARMUP if self.warm_blocks else STREAM_TRAIN
-        noise, t, drop = sample_draws(seed, stream, step, sample_ids, shape, dropout, with_noise=self.needs.noise)
+        noise, t, drop = sample_draws(seed, stream, step, sample_ids, shape, dropout, with_noise=not self.warm_blocks)
         if self.warm_blocks:
             t, noise = torch.zeros_like(t), None
         return noise, t, drop
 
-    def weight(self, k: int) -> float:
-        """λ at phase step ``k`` (0 in the warmup and for methods without alignment)."""
-        if self.warm_blocks or not self.align or self.schedule is None:
+    def weight(self, k: int) -> Optional[float]:
+        """λ at phase step ``k``; None when the step has no alignment term (the warmup has only it:
+        0 there; vanilla; stopped)."""
+        if self.warm_blocks:
             return 0.0
+        if not self.aligning(k) or self.schedule is None:
+            return None
         return self.schedule(k)
 
-    def forward(self, x, noise, t, y, drop, targets: List[torch.Tensor], lam: float):
+    def forward(self, x, noise, t, y, drop, targets: List[torch.Tensor], lam: Optional[float]):
+        """``lam=None``: velocity loss only (no projector run, no alignment loss)."""
         m = self.model
         if self.warm_blocks:
             h = m.forward_warmup(x, t, y, self.warm_blocks, force_drop_ids=drop, return_hidden=True)
@@ -67,7 +84,7 @@ class Objective(nn.Module):
         xt = interpolate(x, noise, t)
         out, h = m(xt, t, y, force_drop_ids=drop, return_hidden=True)
         vel = velocity_loss(out, x, noise)
-        if not self.align:
+        if not self.align or lam is None:
             return vel, torch.zeros_like(vel.detach()), vel.detach()
         align = alignment_from_hidden(m, h, targets, self.kind, self.temperature, self.fused_align)
         return vel + lam * align, align.detach(), vel.detach()

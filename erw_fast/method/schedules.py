@@ -57,12 +57,17 @@ SCHEDULE_KINDS = ("halflife", "exp", "constant")
 
 @dataclass(frozen=True)
 class AlignmentSchedule:
-    """λ(k) for the phase-2 step ``k``; ``kind`` names a registered schedule."""
+    """λ(k) for the phase-2 step ``k``; ``kind`` names a registered schedule.
+
+    The alignment stops (``active(k)`` false, λ = 0) from phase step ``until`` on (HASTE's stop;
+    ``--align-until``), and once the schedule has decayed below ``minimum`` (``--lambda-min``)."""
 
     kind: str = "halflife"
     lambda0: float = 6.0
     half_life: float = 50_000
     tau: Optional[float] = None
+    until: Optional[int] = None
+    minimum: float = 0.0
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:
@@ -70,8 +75,27 @@ class AlignmentSchedule:
         if self.lambda0 < 0:
             raise ValueError(f"lambda0 must be >= 0, got {self.lambda0}")
         SCHEDULES[self.kind][1](self)
+        if self.until is not None and self.until < 0:
+            raise ValueError(f"--align-until must be >= 0, got {self.until}")
+        if not self.minimum >= 0:
+            raise ValueError(f"--lambda-min must be >= 0, got {self.minimum}")
 
-    def __call__(self, k: Union[int, float]) -> float:
+    def _value(self, k) -> float:
         if k < 0:
             raise ValueError(f"phase-2 step must be >= 0, got {k}")
         return SCHEDULES[self.kind][0](k, self)
+
+    def active(self, k: Union[int, float]) -> bool:
+        """Whether the alignment term is computed at phase step ``k``."""
+        if self.until is not None and k >= self.until:
+            return False
+        return not (self.minimum > 0 and self._value(k) < self.minimum)
+
+    def __call__(self, k: Union[int, float]) -> float:
+        return self._value(k) if self.active(k) else 0.0
+
+    def first_inactive(self, steps: int) -> Optional[int]:
+        """The first phase step < ``steps`` at which the alignment is off (None if never)."""
+        if self.until is None and not self.minimum > 0:
+            return None
+        return next((k for k in range(steps) if not self.active(k)), None)

@@ -33,6 +33,9 @@ Metadata for the C++ side is embedded in the package (``aot_inductor.metadata``;
 (``dynamic`` or a number), ``erw.device``, ``erw.weights``, ``erw.steps`` (training steps of the
 checkpoint). The same dictionary is written next to the package as ``<out>.json`` for humans and
 scripts.
+
+The package is built beside ``out`` under a temporary name and renamed onto it only when complete,
+so a failed export (a compiler error, Ctrl-C, a full disk) leaves an existing ``out`` as it was.
 """
 from __future__ import annotations
 
@@ -212,9 +215,41 @@ def _metadata(model: SiT, null_class: int, has_null: bool, device: str, batch: i
     return metadata
 
 
+def _partial_path(out: str) -> str:
+    """A temporary name beside ``out`` (same folder, so the final rename is atomic; ends in .pt2
+    as AOTInductor requires)."""
+    folder, name = os.path.split(out)
+    return os.path.join(folder, f".{name}.partial-{os.getpid()}.pt2")
+
+
+def _compile_package(inductor, ep, out: str, metadata: dict):
+    """AOTInductor-compile ``ep`` into ``out`` (+ ``out.json``) through temporary files renamed at the
+    end; on any failure both are removed and an existing ``out`` is left untouched."""
+    partial = _partial_path(out)
+    try:
+        inductor.aoti_compile_and_package(
+            ep, package_path=partial, inductor_configs={"aot_inductor.metadata": dict(metadata)}
+        )
+        with open(partial + ".json", "w") as f:
+            json.dump(metadata, f, indent=2, sort_keys=True)
+        os.replace(partial, out)
+        os.replace(partial + ".json", out + ".json")
+    except BaseException as e:
+        for path in (partial, partial + ".json"):
+            if os.path.exists(path):
+                os.remove(path)
+        if isinstance(e, (OSError, KeyboardInterrupt)) or not isinstance(e, Exception):
+            raise
+        first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")[:300]
+        kept = f"{out} is unchanged" if os.path.exists(out) else f"nothing was written to {out}"
+        raise ExportError(f"the AOTInductor compile failed ({type(e).__name__}: {first}); {kept}. A C++ compiler "
+                          "(CXX, default g++) must work; rerun with --debug for the full error") from e
+
+
 def export_package(model: SiT, out: str, device: str = "cpu", batch: int = 2, dynamic_batch: bool = True,
                    extra_metadata: Optional[dict] = None, verbose: bool = False) -> dict:
-    """Export ``model``'s guided velocity to the AOTInductor package ``out``; returns the metadata."""
+    """Export ``model``'s guided velocity to the AOTInductor package ``out`` (and ``out.json``), replacing
+    them only when the new package is complete; returns the metadata."""
     inductor = _require_aoti()
     from torch.export import export
 
@@ -232,14 +267,8 @@ def export_package(model: SiT, out: str, device: str = "cpu", batch: int = 2, dy
     t1 = time.perf_counter()
     out = os.path.abspath(out)
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    if os.path.exists(out):
-        os.remove(out)
-    inductor.aoti_compile_and_package(
-        ep, package_path=out, inductor_configs={"aot_inductor.metadata": dict(metadata)}
-    )
+    _compile_package(inductor, ep, out, metadata)
     t2 = time.perf_counter()
-    with open(out + ".json", "w") as f:
-        json.dump(metadata, f, indent=2, sort_keys=True)
     if verbose:
         print(f"export {t1 - t0:.1f}s, AOTInductor compile {t2 - t1:.1f}s -> {out}", file=sys.stderr)
     return metadata

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
@@ -19,15 +20,15 @@ import numpy as np
 import torch
 
 from ..data.vae import DEFAULT_VAE, decode_latents, load_vae
-from ..models.checkpoint import load_checkpoint
+from ..models.checkpoint import load_checkpoint, resolve_checkpoint
 from ..utils import distributed
 from ..utils.png import save_png_grid, to_uint8
 from ..utils.progress import progress
 from .samplers import sample, sample_noise
 
 __all__ = ["PRECISIONS", "parse_interval", "parse_classes", "labels_for_indices", "output_paths", "load_model",
-           "LatentDecoder", "generate", "grid_order", "write_grid", "write_shard", "merge_shards",
-           "check_request", "sample_checkpoint"]
+           "LatentDecoder", "generate", "grid_order", "write_grid", "write_shard", "merge_shards", "ShardError",
+           "check_request", "checkpoint_path", "sample_checkpoint"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_CHOICES = ("auto", "fp32", "bf16-autocast") + tuple(p for p in PRECISIONS if p != "fp32")
@@ -91,7 +92,10 @@ def output_paths(out: str):
 
 
 def check_request(num_samples: int, steps: int, batch_size: int, cfg_scale: float, model):
-    """ValueError for a sampling request ``model`` cannot serve (guidance needs a null class)."""
+    """ValueError for a sampling request ``model`` cannot serve (guidance needs a finite scale >= 0
+    and a null class)."""
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise ValueError(f"--cfg-scale must be a finite number >= 0 (1 = no guidance), got {cfg_scale}")
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     if steps < 1:
@@ -108,8 +112,17 @@ def check_request(num_samples: int, steps: int, batch_size: int, cfg_scale: floa
 # --------------------------------------------------------------------------------------------
 # Model and decoding
 # --------------------------------------------------------------------------------------------
+def checkpoint_path(ckpt: str, quiet: bool = False) -> str:
+    """``--ckpt``: a checkpoint file, or a run folder (its latest checkpoint, named on stderr)."""
+    path = resolve_checkpoint(ckpt)
+    if path != ckpt and not quiet:
+        print(f"using the latest checkpoint of {ckpt}: {path}", file=sys.stderr)
+    return path
+
+
 def load_model(ckpt: str, which: str = "ema", device="cpu", precision: str = "fp32"):
-    model = load_checkpoint(ckpt, which=which)
+    """The SiT of ``ckpt`` (a file, or a run folder: its latest checkpoint) in eval mode on ``device``."""
+    model = load_checkpoint(checkpoint_path(ckpt, quiet=True), which=which)
     return model.to(device=device, dtype=sampling_precision(precision, device)[0]).eval()
 
 
@@ -143,17 +156,17 @@ def generate(model, indices: Sequence[int], shape, classes: Sequence[int], *, se
     params = next(model.parameters())
     device = params.device
     labels_all = labels_for_indices(indices, classes)
-    chunks, bar = [], progress(total=len(indices), desc="sampling", unit="img", disable=not show_progress)
-    for start in range(0, len(indices), batch_size):
-        idx = indices[start:start + batch_size]
-        noise, gens = sample_noise(idx, shape, seed, device=device, dtype=torch.float32)
-        x = sample(model, noise, labels_all[start:start + len(idx)].to(device), sampler=sampler, steps=steps,
-                   cfg_scale=cfg_scale, guidance_interval=guidance_interval, generator=gens)
-        if decoder is not None:
-            x = decoder(x)
-        chunks.append(to_uint8(x.float().clamp(-1, 1).cpu()).transpose(0, 2, 3, 1))
-        bar.update(len(idx))
-    bar.close()
+    chunks = []
+    with progress(total=len(indices), desc="sampling", unit="img", disable=not show_progress) as bar:
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start:start + batch_size]
+            noise, gens = sample_noise(idx, shape, seed, device=device, dtype=torch.float32)
+            x = sample(model, noise, labels_all[start:start + len(idx)].to(device), sampler=sampler, steps=steps,
+                       cfg_scale=cfg_scale, guidance_interval=guidance_interval, generator=gens)
+            if decoder is not None:
+                x = decoder(x)
+            chunks.append(to_uint8(x.float().clamp(-1, 1).cpu()).transpose(0, 2, 3, 1))
+            bar.update(len(idx))  # the final state is printed once, when the bar closes
     h, w = (chunks[0].shape[1:3] if chunks else shape[-2:])
     c = chunks[0].shape[3] if chunks else (3 if decoder is not None else shape[0])
     arr = np.concatenate(chunks) if chunks else np.zeros((0, h, w, c), np.uint8)
@@ -186,6 +199,10 @@ def write_grid(arr: np.ndarray, labels: np.ndarray, path: str, per_class: int = 
 # --------------------------------------------------------------------------------------------
 # Shards of a multi-rank run
 # --------------------------------------------------------------------------------------------
+class ShardError(RuntimeError):
+    """A multi-rank run whose shards do not add up (a rank failed or wrote elsewhere)."""
+
+
 def _shard_dir(npz_path: str) -> str:
     return npz_path[:-4] + ".shards"
 
@@ -208,7 +225,7 @@ def merge_shards(npz_path: str, world_size: int, num_samples: int):
     files = [_shard_path(npz_path, r, world_size) for r in range(world_size)]
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
-        raise RuntimeError(f"cannot merge samples: missing shards {missing}")
+        raise ShardError(f"cannot merge samples: missing shards {missing}")
     arr, labels = None, np.zeros(num_samples, np.int64)
     seen = np.zeros(num_samples, bool)
     for f in files:
@@ -218,7 +235,7 @@ def merge_shards(npz_path: str, world_size: int, num_samples: int):
             arr = np.zeros((num_samples, *a.shape[1:]), np.uint8)
         arr[idx], labels[idx], seen[idx] = a, lab, True
     if not seen.all():
-        raise RuntimeError(f"shards cover {int(seen.sum())} of {num_samples} samples")
+        raise ShardError(f"shards in {_shard_dir(npz_path)} cover {int(seen.sum())} of {num_samples} samples")
     shutil.rmtree(_shard_dir(npz_path), ignore_errors=True)
     return arr, labels
 
@@ -243,9 +260,10 @@ def sample_checkpoint(ckpt: str, num_samples: int, out: str, *, weights: str = "
                       rank: Optional[int] = None, world_size: Optional[int] = None) -> dict:
     """Sample ``num_samples`` images from ``ckpt`` into ``out`` (``.npz`` path or folder).
 
-    ``guidance_interval``: ``"LOW,HIGH"`` text or a pair; ``classes``: a class id or comma list
-    (default: all, cycled). ``rank``/``world_size`` simulate a multi-process run (no process group);
-    without them torchrun's environment decides. Returns ``{rank, npz, shape[, png]}`` on rank 0 and
+    ``ckpt``: a checkpoint file or a run folder (its latest checkpoint). ``guidance_interval``:
+    ``"LOW,HIGH"`` text or a pair; ``classes``: a class id or comma list (default: all, cycled).
+    ``rank``/``world_size`` simulate a multi-process run (no process group); without them
+    torchrun's environment decides. Returns ``{rank, npz, shape[, png]}`` on rank 0 and
     ``{rank, shard}`` on the other ranks.
     """
     interval = (parse_interval(guidance_interval) if isinstance(guidance_interval, str)
@@ -253,7 +271,7 @@ def sample_checkpoint(ckpt: str, num_samples: int, out: str, *, weights: str = "
     d, using_dist = _ranks(rank, world_size, device)
     if not 0 <= d.rank < d.world:
         raise ValueError(f"rank {d.rank} out of range for world size {d.world}")
-    model = load_model(ckpt, weights, d.device, precision)
+    model = load_model(checkpoint_path(ckpt, quiet=d.rank != 0), weights, d.device, precision)
     check_request(num_samples, steps, batch_size, cfg_scale, model)
     class_ids = parse_classes(classes, model.num_classes)
     decoder = LatentDecoder(vae, d.device) if model.in_channels == 4 else None

@@ -6,7 +6,8 @@
   postfix, and messages (start line, transfer, summary) printed above the bar.
 
 On a terminal the bar redraws in place; elsewhere (a log file, CI) tqdm prints a line at most every
-``NON_TTY_INTERVAL`` seconds, and always the last one.
+``NON_TTY_INTERVAL`` seconds, and always the last one, once (closing a bar whose final state is
+already printed does not print it again).
 """
 from __future__ import annotations
 
@@ -18,14 +19,34 @@ from tqdm import tqdm
 NON_TTY_INTERVAL = 10.0
 
 
+def _isatty(stream) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
 def _interval(stream) -> float:
-    return 0.1 if getattr(stream, "isatty", lambda: False)() else NON_TTY_INTERVAL
+    return 0.1 if _isatty(stream) else NON_TTY_INTERVAL
+
+
+class _Bar(tqdm):
+    """tqdm whose ``close`` does not repeat a final state that is already printed: tqdm's own close
+    always prints the bar once more, a duplicate last line in a log file."""
+
+    def close(self):
+        if getattr(self, "disable", True) or getattr(self, "_tty", True) or self.n != self.last_print_n:
+            return super().close()
+        self.display = lambda *args, **kwargs: None  # the newline that ends the bar, nothing more
+        try:
+            super().close()
+        finally:
+            del self.display
 
 
 def progress(iterable=None, total=None, desc: str = "", unit: str = "it", disable: bool = False, stream=None):
     stream = stream or sys.stderr
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, file=stream,
-                mininterval=_interval(stream), dynamic_ncols=True)
+    bar = _Bar(iterable, total=total, desc=desc, unit=unit, disable=disable, file=stream,
+               mininterval=_interval(stream), dynamic_ncols=True)
+    bar._tty = _isatty(stream)
+    return bar
 
 
 class RunProgress:

@@ -1,0 +1,96 @@
+"""``--align-until K`` / ``--lambda-min``: from the stop on, λ = 0 and nothing that only the alignment
+needs is computed — no target-encoder forward, no projector, no alignment loss, no feature reads —
+so a step's FLOPs drop; the losses before the stop are those of a run without it."""
+import json
+import os
+
+import pytest
+import torch
+
+from erw_fast.engine import TrainConfig, train
+from erw_fast.method import AlignmentSchedule
+from erw_fast.train import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:decoder_hidden_size")
+
+
+def cfg(tmp_path, name, **kw):
+    base = dict(out=str(tmp_path / name), warmup_steps=2, steps=5, batch_size=8, log_every=1, sample_steps=2,
+                samples_per_class=1, progress=False, seed=3, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def log_rows(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip() and '"loss"' in line]
+
+
+def test_schedule_stop_rules():
+    s = AlignmentSchedule("halflife", 1.0, 2.0, until=3)
+    assert [s.active(k) for k in range(5)] == [True, True, True, False, False]
+    assert s(2) == 0.5 and s(3) == 0.0 and s.first_inactive(10) == 3
+    m = AlignmentSchedule("halflife", 1.0, 1.0, minimum=0.2)  # 1, .5, .25, .125: off from k = 3
+    assert m.first_inactive(10) == 3 and m(3) == 0.0
+    assert AlignmentSchedule("constant", 1.0).first_inactive(10) is None
+    with pytest.raises(ValueError, match="--align-until"):
+        AlignmentSchedule(until=-1)
+
+
+@pytest.mark.parametrize("method", ["erw", "repa"])
+def test_align_until_stops_the_encoder_projector_and_loss(tmp_path, monkeypatch, method):
+    from erw_fast.encoders.digits import DigitsEncoder
+
+    calls = []
+    real = DigitsEncoder.forward
+
+    def counting(self, x):
+        calls.append(x.shape[0])
+        return real(self, x)
+
+    monkeypatch.setattr(DigitsEncoder, "forward", counting)
+    ref = train(cfg(tmp_path, "ref", method=method))
+    n_ref = len(calls)
+    calls.clear()
+    stop = train(cfg(tmp_path, "stop", method=method, align_until=2))
+    a, b = log_rows(ref.out), log_rows(stop.out)
+    warm = 2 if method == "erw" else 0
+    k_stop = warm + 2  # the log's step numbering: phase-2 steps 0, 1 align; 2, 3, 4 do not
+    assert [r["loss"] for r in a if r["step"] <= k_stop] == [r["loss"] for r in b if r["step"] <= k_stop]
+    after = [r for r in b if r["step"] > k_stop]
+    assert after and all(r["lambda"] == 0.0 and r["loss_align"] == 0.0 and r["loss"] == r["loss_velocity"]
+                         for r in after)
+    # the encoder runs for the FLOP count of an aligned step, the warmup and the 2 aligned steps: the 3
+    # steps after the stop (and the FLOP count of a stopped step) run no encoder
+    assert len(calls) == n_ref - 3
+    on = [r["flops_per_step"] for r in b if r["step"] <= k_stop and r["phase"] == "train"]
+    off = [r["flops_per_step"] for r in after]
+    assert len(set(on)) == 1 and len(set(off)) == 1 and off[0] < on[0]
+    s = stop.summary
+    assert s["train_flops_total"] == 2 * on[0] + 3 * off[0]
+
+
+def test_lambda_min_stops_like_align_until(tmp_path):
+    # halflife 1 step: λ = 1, .5, .25, ...; below 0.3 from phase step 2 on
+    a = train(cfg(tmp_path, "a", method="erw", half_life=1.0, align_until=2))
+    b = train(cfg(tmp_path, "b", method="erw", half_life=1.0, lambda_min=0.3))
+    assert [r["loss"] for r in log_rows(a.out)] == [r["loss"] for r in log_rows(b.out)]
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--method", "vanilla", "--align-until", "3"], "does not have"),
+    (["--align-until", "-1"], "--align-until"),
+    (["--lambda-min", "-0.5"], "--lambda-min"),
+])
+def test_bad_stop_settings(tmp_path, capsys, flags, match):
+    assert main(flags + ["--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert match in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_ddp_ready_for_unused_projectors():
+    """Under DDP a stopped alignment leaves the projectors without gradients: the wrapper is told."""
+    from erw_fast.method import Objective
+
+    sched = AlignmentSchedule("constant", 1.0, until=3)
+    assert Objective(torch.nn.Linear(1, 1), None, True, sched).may_stop_aligning
+    assert not Objective(torch.nn.Linear(1, 1), None, True, AlignmentSchedule("constant", 1.0)).may_stop_aligning
