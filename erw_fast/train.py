@@ -87,6 +87,11 @@ def _optimisation_flags(g, d, t):
     """The "optimisation" flags."""
     g.add_argument("--batch-size", type=int, help=f"global batch over all processes (default {d['batch_size']} on digits)")
     g.add_argument("--lr", type=float, help=f"AdamW learning rate, constant (default {d['lr']} on digits, 1e-4 ImageNet)")
+    g.add_argument("--grad-accum", type=int, default=1, metavar="N", help="split each process's batch into N "
+                   "micro-batches, gradients accumulated (the same step as without; DDP syncs once): the paper's "
+                   "batch 256 on fewer or smaller GPUs (default 1)")
+    g.add_argument("--grad-checkpoint", action="store_true", help="recompute each SiT block's activations in the "
+                   "backward (torch.utils.checkpoint): much less activation memory for ~1/3 more compute")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default 1.0)")
     g.add_argument("--ema-decay", type=float, help=f"EMA decay per step (default {d['ema_decay']} on digits, "
                    "0.9999 ImageNet)")

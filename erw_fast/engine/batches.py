@@ -26,6 +26,19 @@ class Batch:
     pixels: Optional[torch.Tensor]       # what an online target encoder reads
     features: List[Optional[torch.Tensor]]  # per encoder: precomputed features, or None (run it online)
 
+    def split(self, n: int) -> List["Batch"]:
+        """``n`` equal micro-batches (rows in order), for gradient accumulation."""
+        rows = self.x.shape[0]
+        if n < 1 or rows % n:
+            raise ValueError(f"--grad-accum {n} does not divide the per-process batch of {rows}")
+        size = rows // n
+
+        def part(v, i):
+            return None if v is None else v[i * size:(i + 1) * size]
+
+        return [Batch(part(self.x, i), part(self.y, i), part(self.noise, i), part(self.t, i), part(self.drop, i),
+                      part(self.pixels, i), [part(f, i) for f in self.features]) for i in range(n)]
+
 
 class BatchSource:
     def __init__(self, data, encoders, objective, indexer: BatchIndexer, seed: int, dropout: float,

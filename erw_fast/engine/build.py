@@ -58,7 +58,7 @@ def build_net(cfg: TrainConfig, data, z_dims: List[int], warm: bool) -> SiT:
     model = build_model(cfg.model, **kw)
     if warm:  # the warmup model has no use for its final layer: keep it out of the optimizer/DDP
         model.final_layer.requires_grad_(False)
-    return model
+    return model.set_grad_checkpointing(cfg.grad_checkpoint)
 
 
 def uses_bf16(cfg: TrainConfig, device) -> bool:
@@ -82,7 +82,7 @@ def phase_trainer(cfg: TrainConfig, phase: str, model: SiT, encoders: List, devi
     objective = Objective(model, cfg.l2r_depth if warm else None, get_method(cfg.method).align, schedule_of(cfg),
                           cfg.align_loss, cfg.temperature, fused_align)
     return Trainer(model, objective, encoders, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip, amp=amp,
-                   device=device, first_step=first_step)
+                   device=device, first_step=first_step, grad_accum=cfg.grad_accum)
 
 
 def measure_step_flops(config: TrainConfig) -> Dict[str, float]:

@@ -73,6 +73,8 @@ class TrainConfig:
     batch_size: Optional[int] = None        # global batch (all ranks together)
     lr: Optional[float] = None
     grad_clip: float = 1.0
+    grad_accum: int = 1                      # micro-batches per step and process (same draws, same maths)
+    grad_checkpoint: bool = False            # recompute each block's activations in the backward
     ema_decay: Optional[float] = None
     precision: str = "auto"
     seed: int = 0
@@ -106,7 +108,7 @@ RESUME_OVERRIDABLE = ("encoder_path", "steps", "sample_every", "ckpt_every", "ck
                       "log_every", "attn_backend", "fused",
                       "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class")
 RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device",
-                    "threads", "prefetch")
+                    "threads", "prefetch", "grad_accum", "grad_checkpoint")
 
 
 def model_size(name: str) -> str:
@@ -195,7 +197,7 @@ def _check_numbers(c: TrainConfig):
     if c.steps == 0 and (c.warmup_steps == 0 or c.warmup_from):
         raise ValueError("nothing to train: --steps 0 (and no warmup steps); give --steps N, or --warmup-steps N "
                          "for a warmup-only ERW run")
-    for name in ("batch_size", "log_every"):
+    for name in ("batch_size", "log_every", "grad_accum"):
         if getattr(c, name) < 1:
             raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(c, name)}")
     if c.keep_last is not None and c.keep_last < 0:

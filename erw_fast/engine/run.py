@@ -106,6 +106,9 @@ def _open_run(config: TrainConfig, d: Dist):
     check_environment(cfg)
     if cfg.batch_size % d.world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
+    if (cfg.batch_size // d.world) % cfg.grad_accum:
+        raise ValueError(f"--grad-accum {cfg.grad_accum} does not divide the per-process batch "
+                         f"{cfg.batch_size // d.world} (--batch-size {cfg.batch_size} over {d.world} processes)")
     return cfg, ckpt, path, (warm if not config.resume else None)
 
 

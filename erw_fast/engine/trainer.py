@@ -7,6 +7,7 @@ on the device with the step it happened at (checked at log/checkpoint steps).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import List, Optional
@@ -45,7 +46,7 @@ class Trainer:
     """Owns ``model`` (moved to ``device``), its EMA copy, AdamW and the ``objective``'s runner."""
 
     def __init__(self, model: nn.Module, objective: Objective, encoders: List, *, lr: float, ema_decay: float,
-                 grad_clip: float, amp: bool, device, first_step: int = 0):
+                 grad_clip: float, amp: bool, device, first_step: int = 0, grad_accum: int = 1):
         self.device = torch.device(device)
         on_device = all(t.device == self.device for t in (*model.parameters(), *model.buffers()))
         self.model = model if on_device else model.to(self.device)
@@ -56,7 +57,7 @@ class Trainer:
         self.objective, self.encoders = objective, encoders
         self.runner: nn.Module = objective
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema_decay, self.grad_clip, self.amp = ema_decay, grad_clip, amp
+        self.ema_decay, self.grad_clip, self.amp, self.grad_accum = ema_decay, grad_clip, amp, int(grad_accum)
         self._zero = torch.zeros((), device=self.device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._step = torch.full((), int(first_step), dtype=torch.long, device=self.device)
@@ -112,12 +113,16 @@ class Trainer:
         return loss, align, vel, lam
 
     def train_step(self, batch: Batch, k: int, global_step: Optional[int] = None) -> StepOutput:
-        """Forward, backward, clip, AdamW, EMA for phase step ``k``."""
-        loss, align, vel, lam = self.loss(batch, k)
-        if self.inject_nan_at is not None and global_step == self.inject_nan_at:
-            loss = loss * float("nan")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        """Forward, backward, clip, AdamW, EMA for phase step ``k``; with ``grad_accum`` N the batch
+        runs as N micro-batches whose gradients add up to the whole batch's (DDP syncs on the last)."""
+        if self.grad_accum > 1:
+            loss, align, vel, lam = self._accumulate(batch, k, global_step)
+        else:
+            loss, align, vel, lam = self.loss(batch, k)
+            if self.inject_nan_at is not None and global_step == self.inject_nan_at:
+                loss = loss * float("nan")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
         gnorm = self.clip_gradients()
         first_bad = (self.bad_step < 0) & ~torch.isfinite(loss.detach())
         self.bad_step = torch.where(first_bad, self._step, self.bad_step)
@@ -125,6 +130,25 @@ class Trainer:
         self.opt.step()
         self.update_ema()
         return StepOutput(loss.detach(), align, vel, gnorm, 0.0 if lam is None else lam)
+
+    def _accumulate(self, batch: Batch, k: int, global_step: Optional[int]):
+        """Micro-batch forward/backward, each loss weighted 1/N (the batch losses are means over rows)."""
+        parts = batch.split(self.grad_accum)
+        self.opt.zero_grad(set_to_none=True)
+        total = align_sum = vel_sum = None
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            sync = contextlib.nullcontext() if last or not hasattr(self.runner, "no_sync") else self.runner.no_sync()
+            with sync:
+                loss, align, vel, lam = self.loss(part, k)
+                if self.inject_nan_at is not None and global_step == self.inject_nan_at:
+                    loss = loss * float("nan")
+                (loss / len(parts)).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            align_sum = align if align_sum is None else align_sum + align
+            vel_sum = vel if vel_sum is None else vel_sum + vel
+        n = len(parts)
+        return total / n, align_sum / n, vel_sum / n, lam
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip the gradient norm to ``grad_clip`` (0 = off); returns the norm before clipping."""

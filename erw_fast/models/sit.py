@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 
 from .. import ops
@@ -473,7 +474,7 @@ class SiT(nn.Module):
         rope = self._rope()
         feat = None
         for i, block in enumerate(self.blocks):
-            h = block(h, c, rope)
+            h = self._block(block, h, c, rope)
             if i + 1 == self.encoder_depth:
                 feat = h
         out = self.unpatchify(self.final_layer(h, c))
@@ -489,8 +490,21 @@ class SiT(nn.Module):
         h, c = self.embed(x, t, y, force_drop_ids)
         rope = self._rope()
         for block in self.blocks[:num_blocks]:
-            h = block(h, c, rope)
+            h = self._block(block, h, c, rope)
         return h if return_hidden else self.project(h)
+
+    grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> "SiT":
+        """Recompute each block's activations in the backward instead of keeping them
+        (``torch.utils.checkpoint``, non-reentrant): activation memory of one block instead of all."""
+        self.grad_checkpointing = bool(enabled)
+        return self
+
+    def _block(self, block, h, c, rope):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, h, c, rope, use_reentrant=False)
+        return block(h, c, rope)
 
     def compile_blocks(self, **compile_kwargs) -> "SiT":
         """Compile each block with ``torch.compile(fullgraph=True)`` (the blocks share one graph).
