@@ -90,6 +90,9 @@ def _optimisation_flags(g, d, t):
     g.add_argument("--grad-accum", type=int, default=1, metavar="N", help="split each process's batch into N "
                    "micro-batches, gradients accumulated (the same step as without; DDP syncs once): the paper's "
                    "batch 256 on fewer or smaller GPUs (default 1)")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
+                   "state over the processes with FSDP2 (fully_shard per SiT block; NCCL on GPU, gloo on CPU); "
+                   "checkpoints stay full REPA-layout files, resumable with or without --fsdp")
     g.add_argument("--grad-checkpoint", action="store_true", help="recompute each SiT block's activations in the "
                    "backward (torch.utils.checkpoint): much less activation memory for ~1/3 more compute")
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default 1.0)")

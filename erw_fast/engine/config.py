@@ -75,6 +75,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1                      # micro-batches per step and process (same draws, same maths)
     grad_checkpoint: bool = False            # recompute each block's activations in the backward
+    fsdp: bool = False                       # shard parameters, gradients, optimizer state (FSDP2) under torchrun
     ema_decay: Optional[float] = None
     precision: str = "auto"
     seed: int = 0
@@ -108,7 +109,7 @@ RESUME_OVERRIDABLE = ("encoder_path", "steps", "sample_every", "ckpt_every", "ck
                       "log_every", "attn_backend", "fused",
                       "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class")
 RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device",
-                    "threads", "prefetch", "grad_accum", "grad_checkpoint")
+                    "threads", "prefetch", "grad_accum", "grad_checkpoint", "fsdp")
 
 
 def model_size(name: str) -> str:

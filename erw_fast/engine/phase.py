@@ -34,7 +34,7 @@ def build_trainer(run, phase: str, model, ckpt):
     batches = BatchSource(run.data, run.encoders, trainer.objective, run.indexer, cfg.seed, cfg.class_dropout, offset,
                           d.device, prefetch=cfg.prefetch)
     flops = _count_flops(trainer, batches, k, n_steps, d.world)
-    trainer.wrap(compile=cfg.compile, world=d.world)
+    trainer.wrap(compile=cfg.compile, world=d.world, fsdp=cfg.fsdp)
     return trainer, batches, flops
 
 
@@ -84,19 +84,28 @@ def _restore(run, trainer: Trainer, ckpt: dict):
 
 
 def _save(run, trainer: Trainer, phase: str, step: int, k: int, seconds: float):
+    weights = trainer.state() if (trainer.fsdp or run.dist.main) else None  # FSDP: a collective gather
     if run.dist.main:
         args = run.cfg.to_dict()
         args["model_config"] = trainer.model.config()
         args["num_classes"] = run.data.num_classes
         path = checkpoint_path(run.cfg.out, step)
         st = run.state
-        save_atomic({**trainer.state(), "args": args, "steps": step, "phase": phase, "phase_step": k,
+        save_atomic({**weights, "args": args, "steps": step, "phase": phase, "phase_step": k,
                      "transfer": st.transfer, "warmup_cost": st.warmup_cost, "phase_seconds": seconds,
                      "rng": {"torch": torch.get_rng_state()}, "format": FORMAT}, path)
         run.log.write({"event": "checkpoint", "path": path, "steps": step, "phase": phase})
         run.result.checkpoint = path
         _prune(run)
     barrier(run.dist.world)
+
+
+def _samples(run, trainer: Trainer, step: int):
+    from ..models.sit import SiT
+
+    model = trainer.sampling_model(lambda: SiT(**trainer.model.config()))  # FSDP: a collective gather
+    sample_and_save(run.cfg, model, run.data, run.dist.device, step, run.amp, run.dist.main, run.log, run.result,
+                    run.dist.world)
 
 
 def _prune(run):
@@ -192,8 +201,7 @@ def run_phase(run, phase: str, model, ckpt) -> str:
         if do_log:
             last = _log(run, phase, out, step, k, n_steps, window, seconds(), flops)
         if cfg.sample_every and not warm and step % cfg.sample_every == 0 and k < n_steps:
-            sample_and_save(cfg, trainer.ema_model, run.data, run.dist.device, step, run.amp, run.dist.main,
-                            run.log, run.result, run.dist.world)
+            _samples(run, trainer, step)
         if warm and k == n_steps:  # recorded before the end-of-warmup checkpoint, which carries it
             _record_warmup_cost(run, trainer, seconds(), flops)
         if do_ckpt:
@@ -240,8 +248,7 @@ def _end_phase(run, trainer, phase, status, k, seconds, flops, last):
     step = cfg.warmup_steps + k
     if not ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step in cfg.ckpt_at):
         _save(run, trainer, phase, step, k, seconds)
-    sample_and_save(cfg, trainer.ema_model, run.data, run.dist.device, step, run.amp, run.dist.main, run.log,
-                    run.result, run.dist.world)
+    _samples(run, trainer, step)
     run.result.summary.update(train_seconds=seconds, train_flops_per_step=flops.aligned,
                               train_flops_total=flops.total(cfg.steps), last=last,
                               warmup_cost=st.warmup_cost, transfer_keys=(st.transfer or {}).get("num_keys"))

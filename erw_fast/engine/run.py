@@ -28,6 +28,7 @@ from .build import build_net, fused_setting, load_encoders, schedule_of, uses_bf
 from .checkpoint import (read_warmup_source, clear_failed_start, folder_holds_checkpoints, open_resume_checkpoint, remove_stale_temp_files,
                          resume_config, truncate_metrics)
 from .config import TrainConfig, check_environment, resolve_config
+from .fsdp import plain_state_dict
 from .errors import NonFiniteLossError, RunFolderError  # noqa: F401  (re-exported)
 from .logging import MetricsLog, summary_lines
 from .phase import run_phase
@@ -157,7 +158,7 @@ def _banner(run: Run) -> str:
             f"{cfg.encoder if method.needs_encoder else '-'} | {warm}{cfg.steps} steps | batch {cfg.batch_size} "
             f"x {run.dist.world} proc | lr {cfg.lr:g} | λ {sched} @ block {cfg.encoder_depth} | EMA {cfg.ema_decay} "
             f"| rope {cfg.rope} qk-norm {cfg.qk_norm} | {run.dist.device.type} {'bf16' if amp else 'fp32'}"
-            f"{' compiled' if cfg.compile else ''} | out {cfg.out}")
+            f"{' compiled' if cfg.compile else ''}{' fsdp' if cfg.fsdp and run.dist.world > 1 else ''} | out {cfg.out}")
 
 
 def _train(config: TrainConfig) -> TrainResult:
@@ -186,6 +187,8 @@ def _train(config: TrainConfig) -> TrainResult:
               schedule_of(cfg), state,
               TrainResult(out=cfg.out, status="finished", steps=0))
     bar.message(_banner(run))
+    if cfg.fsdp and d.world == 1:
+        bar.message("note: --fsdp with one process has nothing to shard; training unsharded")
     t0 = time.time()
     try:
         with run.signals:
@@ -223,7 +226,7 @@ def _run_phases(run: Run, ckpt: Optional[dict], warm=None, full: Optional[SiT] =
         state.phase, state.phase_step, state.phase_seconds = PHASE_TRAIN, 0, 0.0
     model = full if full is not None else build_net(cfg, run.data, z_dims, warm=False)
     if ckpt is None and warm_model is not None:
-        _transfer(run, warm_model.state_dict(), model, warm_model.config())
+        _transfer(run, plain_state_dict(warm_model), model, warm_model.config())
         del warm_model
     elif ckpt is None and warm is not None:
         _reuse(run, warm, model)

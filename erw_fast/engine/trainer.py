@@ -62,6 +62,7 @@ class Trainer:
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._step = torch.full((), int(first_step), dtype=torch.long, device=self.device)
         self.inject_nan_at: Optional[int] = None  # testing hook: a NaN loss at this (global) step
+        self.lr, self.fsdp = lr, False
 
     # ---------------------------------------------------------------- state
     def load_state(self, ckpt: dict):
@@ -70,21 +71,54 @@ class Trainer:
         self.opt.load_state_dict(ckpt["opt"])
 
     def state(self) -> dict:
-        """model, ema (CPU copies) and optimizer state for a checkpoint."""
+        """model, ema (full CPU copies) and optimizer state for a checkpoint. Under FSDP a collective:
+        every rank calls it."""
+        if self.fsdp:
+            from . import fsdp
+
+            return fsdp.full_state(self.model, self.ema_model, self.opt, self._names)
         return {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                 "ema": {k: v.detach().cpu() for k, v in self.ema_model.state_dict().items()},
                 "opt": self.opt.state_dict()}
 
-    def wrap(self, compile: bool = False, world: int = 1):
-        """``--compile`` (each SiT block, fullgraph) and DDP over the objective; after counting FLOPs."""
+    def wrap(self, compile: bool = False, world: int = 1, fsdp: bool = False):
+        """``--compile`` (each SiT block, fullgraph), then DDP over the objective or FSDP2 (``fsdp``);
+        after counting FLOPs (on the eager, unsharded model)."""
         if compile:
             self.model.compile_blocks()
+        if fsdp and world > 1:
+            return self._shard(world)
         if world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # a stopped alignment leaves the projectors without gradients from then on
             self.runner = nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=ids, find_unused_parameters=self.objective.may_stop_aligning)
         return self
+
+    def _shard(self, world: int):
+        """FSDP2: shard model (root: the objective) and EMA; the optimizer is rebuilt on the shards and
+        given the state it had."""
+        from . import fsdp
+
+        self._names = fsdp.trainable_names(self.model)
+        opt_state = self.opt.state_dict()
+        mesh = fsdp._mesh(self.device, world)
+        fsdp.shard(self.model, self.objective, mesh)
+        fsdp.shard(self.ema_model, self.ema_model, mesh)
+        self.ema = EMA(self.ema_model, self.model)
+        self.opt = make_optimizer(self.model, self.lr, self.device)
+        fsdp.load_opt_state(self.model, self.opt, opt_state, self._names)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.fsdp = True
+        return self
+
+    def sampling_model(self, template_factory=None):
+        """The EMA model to sample from: itself, or under FSDP a full unsharded copy (collective)."""
+        if not self.fsdp:
+            return self.ema_model
+        from . import fsdp
+
+        return fsdp.full_copy(self.ema_model, template_factory()).to(self.device).eval()
 
     def use_objective(self, objective: Objective):
         """Swap the objective on the same model (one process; the benchmarks time the step kinds
@@ -138,8 +172,7 @@ class Trainer:
         total = align_sum = vel_sum = None
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.runner, "no_sync") else self.runner.no_sync()
-            with sync:
+            with self._grad_sync(last):
                 loss, align, vel, lam = self.loss(part, k)
                 if self.inject_nan_at is not None and global_step == self.inject_nan_at:
                     loss = loss * float("nan")
@@ -149,6 +182,15 @@ class Trainer:
             vel_sum = vel if vel_sum is None else vel_sum + vel
         n = len(parts)
         return total / n, align_sum / n, vel_sum / n, lam
+
+    def _grad_sync(self, enabled: bool):
+        """No gradient all-reduce (DDP) / reduce-scatter (FSDP) on all but the last micro-batch."""
+        if self.fsdp:
+            self.objective.set_requires_gradient_sync(enabled)
+            return contextlib.nullcontext()
+        if enabled or not hasattr(self.runner, "no_sync"):
+            return contextlib.nullcontext()
+        return self.runner.no_sync()
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip the gradient norm to ``grad_clip`` (0 = off); returns the norm before clipping."""
