@@ -15,7 +15,8 @@ def _readme():
     return open(path, encoding="utf-8").read() if os.path.exists(path) else ""
 
 
-DATA_EXTRA = ["diffusers", "transformers", "safetensors", "pillow"]
+DATA_EXTRA = ["diffusers", "transformers", "safetensors"]
+TB_EXTRA = ["tensorboard"]
 
 packages = find_packages(include=["erw_fast", "erw_fast.*"]) + ["erw_fast.kernels"]
 
@@ -31,11 +32,14 @@ setup(
     package_data={"erw_fast": ["assets/*"]},
     include_package_data=True,
     # torch>=2.4 has torch.library.custom_op; CI pins the local CPU wheel (torch==2.13.0).
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    # pillow: PNG files and sample grids (erw_fast.utils.images); tqdm: progress bars
+    install_requires=["torch>=2.4", "numpy", "tqdm", "pillow"],
     extras_require={
-        # real-scale inputs: SD-VAE latents (diffusers), DINOv2 (transformers), shards, images
+        # real-scale inputs: SD-VAE latents (diffusers), DINOv2 (transformers), shards
         "data": DATA_EXTRA,
-        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib"] + DATA_EXTRA,
+        # TensorBoard mirror of metrics.jsonl (scalars + sample grids under <out>/tb)
+        "tb": TB_EXTRA,
+        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib"] + DATA_EXTRA + TB_EXTRA,
         # the convergence study's plot (python -m erw_fast.convergence)
         "study": ["matplotlib"],
         "triton": ["triton"],

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from erw_fast.sampling import SDE_T_END, index_generator, sample, sample_grid, sample_noise, time_grid
-from erw_fast.utils.png import make_grid, read_png, save_png_grid, to_uint8
+from erw_fast.utils.images import make_grid, read_png, save_png_grid, to_uint8
 
 
 # --------------------------------------------------------------------------------------------

@@ -225,28 +225,27 @@ def test_compile_blocks_fullgraph(tmp_path):
 
 
 def test_png_writer_roundtrip(tmp_path):
-    import struct
-    import zlib
-
     import numpy as np
+    from PIL import Image
 
-    from erw_fast.utils.png import image_grid, write_png
+    from erw_fast.utils.images import image_grid, read_png, write_png
 
     imgs = torch.linspace(-1, 1, 6 * 4 * 4).reshape(6, 1, 4, 4)
     grid = image_grid(imgs, nrow=3, pad=1)
     assert grid.shape == (2 * 5 + 1, 3 * 5 + 1) and grid.dtype == np.uint8
+    assert grid[0].max() == 0 and grid[1, 1] == 0 and grid[-2, -2] == 255  # black padding, [-1, 1] -> 0..255
+    assert np.array_equal(grid[1:5, 1:5], (((imgs[0, 0] + 1) / 2) * 255 + 0.5).to(torch.uint8).numpy())
     path = write_png(str(tmp_path / "g.png"), grid)
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    w, h = struct.unpack(">II", data[16:24])
-    assert (w, h) == (grid.shape[1], grid.shape[0])
-    idat_len = struct.unpack(">I", data[33:37])[0]
-    raw = zlib.decompress(data[41:41 + idat_len])
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(h, w + 1)
-    assert (rows[:, 0] == 0).all() and np.array_equal(rows[:, 1:], grid)
-    rgb = image_grid(imgs.expand(6, 3, 4, 4), nrow=6)
-    assert rgb.shape[2] == 3
-    write_png(str(tmp_path / "rgb.png"), rgb)
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "g.png.tmp").exists()
+    with Image.open(path) as im:
+        assert (im.format, im.mode, im.size) == ("PNG", "L", (grid.shape[1], grid.shape[0]))
+    back = read_png(path)
+    assert back.dtype == np.uint8 and np.array_equal(back, grid)
+    rgb = image_grid(imgs.expand(6, 3, 4, 4), nrow=6, scale=2)
+    assert rgb.shape == (1 * 9 + 1, 6 * 9 + 1, 3)
+    assert np.array_equal(read_png(write_png(str(tmp_path / "sub" / "rgb.png"), rgb)), rgb)
+    with pytest.raises(ValueError, match="uint8"):
+        write_png(str(tmp_path / "f.png"), grid.astype(np.float32))
 
 
 def test_default_config_is_the_digits_run():

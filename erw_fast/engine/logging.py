@@ -1,39 +1,64 @@
-"""What a run reports: ``metrics.jsonl`` (one JSON object per line, TensorBoard mirror when the
-package is installed), human-readable durations and FLOP counts, and the closing summary."""
+"""What a run reports: ``metrics.jsonl`` (one JSON object per line), a TensorBoard mirror under
+``<out>/tb`` when the ``tensorboard`` package is installed (``pip install 'erw_fast[tb]'``),
+human-readable durations and FLOP counts, and the closing summary."""
 from __future__ import annotations
 
 import json
 import os
 
+_NOT_SCALARS = ("step", "phase_step")  # the x axis, and the step within the phase (a second x axis)
+
+
+def tb_writer(logdir: str):
+    """A ``torch.utils.tensorboard.SummaryWriter`` on ``logdir``, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        return SummaryWriter(logdir, flush_secs=10)
+    except Exception:  # ImportError, or a broken/partial tensorboard install: metrics.jsonl only
+        return None
+
 
 class MetricsLog:
-    """Appends JSON lines to ``metrics.jsonl``; mirrors scalars to TensorBoard when installed."""
+    """Appends JSON lines to ``metrics.jsonl``; mirrors them to TensorBoard when it is installed.
+
+    TensorBoard tags are ``<phase>/<key>`` for the step records (``train/loss``, ``warmup/loss_align``,
+    ``train/lambda``, ``train/img_per_s``, ...) and ``<event>/<key>`` for event records that carry a step
+    (``samples/seconds``, ``samples/sample_accuracy``); the sample grid is the image ``samples/grid``.
+    """
 
     def __init__(self, out: str, enabled: bool = True):
         self.enabled = enabled
         self.path = os.path.join(out, "metrics.jsonl")
-        self.tb = None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-                self.tb = SummaryWriter(os.path.join(out, "tb"))
-            except Exception:
-                self.tb = None
+        self.tb = tb_writer(os.path.join(out, "tb")) if enabled else None
 
     def write(self, record: dict):
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None and "step" in record:
+        if self.tb is not None and record.get("step") is not None:
+            group = record.get("phase") or record.get("event") or "run"
             for k, v in record.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
-                    self.tb.add_scalar(f"{record.get('phase', 'run')}/{k}", v, record["step"])
+                if k not in _NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(f"{group}/{k}", v, record["step"])
+
+    def image(self, tag: str, image, step: int):
+        """An image at ``step`` to TensorBoard (nothing without it): uint8 (H, W) grey or (H, W, 3) RGB."""
+        if not self.enabled or self.tb is None:
+            return
+        import numpy as np
+
+        a = np.asarray(image)
+        if a.ndim == 2:
+            a = a[:, :, None]
+        self.tb.add_image(tag, a, step, dataformats="HWC")
+        self.tb.flush()
 
     def close(self):
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
 
 
 def fmt_seconds(s: float) -> str:

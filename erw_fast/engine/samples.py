@@ -14,10 +14,11 @@ GRID_SEED_OFFSET = 1_000_003  # the grid's sampling seed is the run's seed + thi
 
 
 def sample_and_save(cfg, ema_model, data, device, step: int, amp: bool, main: bool, log, result, world: int):
-    """EMA sample grid → samples/<step>.png and samples.png (latent data: also the latents as .pt)."""
+    """EMA sample grid → samples/<step>.png, samples.png and TensorBoard image ``samples/grid`` (latent data:
+    also the latents as .pt)."""
     if main:
         from ..sampling import sample_grid
-        from ..utils.png import image_grid, write_png
+        from ..utils.images import image_grid, write_png
         from ..utils.progress import progress
 
         t0 = time.time()
@@ -41,6 +42,7 @@ def sample_and_save(cfg, ema_model, data, device, step: int, amp: bool, main: bo
             grid = image_grid(imgs, nrow=cfg.samples_per_class, pad=1, scale=1 if latent else 2)
             path = write_png(os.path.join(cfg.out, "samples", f"{step:07d}.png"), grid)
             write_png(os.path.join(cfg.out, "samples.png"), grid)
+            log.image("samples/grid", grid, step)
             result.samples_png = os.path.join(cfg.out, "samples.png")
         rec = {"event": "samples", "step": step, "path": path, "seconds": time.time() - t0}
         acc = digit_accuracy(imgs, data.num_classes, cfg.samples_per_class) if cfg.data == "digits" else None

@@ -257,7 +257,7 @@ def data_floor(cfg: StudyConfig, ref_stats, repeats: int = 3) -> Tuple[float, fl
     score with this many samples."""
     from ..data.digits import load_digits
     from ..metrics import compute_features, feature_stats, frechet_distance, get_feature_network
-    from ..utils.png import to_uint8
+    from ..utils.images import to_uint8
 
     images, _ = load_digits()
     net = get_feature_network("digits")

@@ -22,7 +22,7 @@ import torch
 from ..data.vae import DEFAULT_VAE, decode_latents, load_vae
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint
 from ..utils import distributed
-from ..utils.png import save_png_grid, to_uint8
+from ..utils.images import save_png_grid, to_uint8
 from ..utils.progress import progress
 from .samplers import sample, sample_noise
 

@@ -1,4 +1,4 @@
-"""Small dependency-free helpers (PNG writing, image grids, progress bar)."""
-from .png import image_grid, read_png, save_png_grid, write_png
+"""Small helpers: image grids and PNG files (NumPy + Pillow), progress bars (tqdm), distributed."""
+from .images import image_grid, make_grid, read_png, save_png_grid, to_uint8, write_png
 
-__all__ = ["image_grid", "read_png", "save_png_grid", "write_png"]
+__all__ = ["image_grid", "make_grid", "read_png", "save_png_grid", "to_uint8", "write_png"]
