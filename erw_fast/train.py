@@ -148,6 +148,15 @@ def _output_flags(g, d, t):
     g.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance scale for the grid "
                    f"(default {d['cfg_scale']} on digits)")
     g.add_argument("--samples-per-class", type=int, help=f"grid columns (default {d['samples_per_class']})")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N", help="FID of the EMA model every N steps "
+                   "(and classifier accuracy on the digits), logged as `fid` in metrics.jsonl and TensorBoard; its "
+                   "time is not counted as training (default 0: off)")
+    g.add_argument("--eval-samples", type=int, default=400, metavar="K", help="class-balanced samples per online "
+                   "evaluation, shared by all ranks (default 400)")
+    g.add_argument("--eval-batch", type=int, default=100, help="sampling batch of the online evaluation (default 100)")
+    g.add_argument("--inception", metavar="FILE", help="latent data: a local TorchScript Inception-v3 for the online FID")
+    g.add_argument("--eval-ref", metavar="NPZ", help="latent data: reference statistics for the online FID (ADM's "
+                   "VIRTUAL_imagenet256_labeled.npz layout: mu/sigma, or arr_0 images)")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (messages and the final summary still print)")
 
 

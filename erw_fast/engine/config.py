@@ -94,6 +94,11 @@ class TrainConfig:
     cfg_scale: Optional[float] = None
     guidance_high: Optional[float] = None
     samples_per_class: Optional[int] = None
+    eval_every: int = 0                      # online FID every N steps (0 = off)
+    eval_samples: int = 400                  # samples per online evaluation
+    eval_batch: int = 100                    # sampling batch of the online evaluation
+    inception: Optional[str] = None          # latent data: TorchScript Inception file for online FID
+    eval_ref: Optional[str] = None           # latent data: reference statistics npz (ADM layout)
     progress: bool = True
     # testing hooks (not CLI flags)
     stop_after: Optional[int] = None        # stop (with a checkpoint) after this many total steps
@@ -105,7 +110,7 @@ class TrainConfig:
 
 # Fields that a resumed run takes from the new call rather than from the checkpoint.
 # ``RESUME_OVERRIDABLE`` win when set (not None); ``RESUME_FROM_CALL`` always come from the new call.
-RESUME_OVERRIDABLE = ("encoder_path", "steps", "sample_every", "ckpt_every", "ckpt_at", "ckpt_every_minutes", "keep_last",
+RESUME_OVERRIDABLE = ("encoder_path", "steps", "inception", "eval_ref", "sample_every", "ckpt_every", "ckpt_at", "ckpt_every_minutes", "keep_last",
                       "log_every", "attn_backend", "fused",
                       "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class")
 RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device",
@@ -147,6 +152,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     _check_depths(c, method, depth)
     _check_numbers(c)
     _check_sampling(c)
+    _check_eval(c)
     return c
 
 
@@ -225,6 +231,24 @@ def _check_numbers(c: TrainConfig):
     if c.align_until is not None and c.align_until < 0:
         raise ValueError(f"--align-until must be >= 0 (a phase-2 step), got {c.align_until}")
     _finite(c, "lambda_min", 0)
+
+
+def _check_eval(c: TrainConfig):
+    for name in ("eval_every", ):
+        if getattr(c, name) < 0:
+            raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(c, name)}")
+    if not c.eval_every:
+        return
+    if c.eval_samples < 2 or c.eval_batch < 1:
+        raise ValueError(f"--eval-samples must be >= 2 (FID) and --eval-batch >= 1, got {c.eval_samples}, "
+                         f"{c.eval_batch}")
+    if c.data != "digits":
+        import os
+
+        for flag, path in (("--inception", c.inception), ("--eval-ref", c.eval_ref)):
+            if not path or not os.path.isfile(path):
+                raise ValueError(f"--eval-every on latent data needs {flag} FILE (a local file; got {path!r}): FID "
+                                 "uses a TorchScript Inception and reference statistics (ADM's npz)")
 
 
 def _check_sampling(c: TrainConfig):

@@ -108,6 +108,19 @@ def _samples(run, trainer: Trainer, step: int):
                     run.dist.world)
 
 
+def _evaluate(run, trainer: Trainer, step: int, window: dict):
+    """Online FID; its wall time is kept out of the phase's training time (and the img/s window)."""
+    from ..models.sit import SiT
+    from .online_eval import evaluate_online
+
+    t0 = time.time()
+    model = trainer.sampling_model(lambda: SiT(**trainer.model.config()))
+    evaluate_online(run, model, step, share=not trainer.fsdp)
+    spent = time.time() - t0
+    window["eval_s"] += spent
+    window["t0"] += spent
+
+
 def _prune(run):
     """``--keep-last N``: delete periodic checkpoints but the N newest; the end-of-warmup checkpoint
     and the ``--ckpt-at`` ones are kept."""
@@ -185,8 +198,8 @@ def run_phase(run, phase: str, model, ckpt) -> str:
     offset = 0 if warm else cfg.warmup_steps
     trainer, batches, flops = build_trainer(run, phase, model, ckpt)
     k, t_start = st.phase_step, time.time()
-    seconds = lambda: st.phase_seconds + (time.time() - t_start)  # noqa: E731
-    window, last, status = dict(t0=time.time(), imgs=0, saved=time.time()), {}, "finished"
+    window, last, status = dict(t0=time.time(), imgs=0, saved=time.time(), eval_s=0.0), {}, "finished"
+    seconds = lambda: st.phase_seconds + (time.time() - t_start) - window["eval_s"]  # noqa: E731
     while k < n_steps:
         out = trainer.train_step(batches.get(k), k, global_step=offset + k)
         k += 1
@@ -202,6 +215,8 @@ def run_phase(run, phase: str, model, ckpt) -> str:
             last = _log(run, phase, out, step, k, n_steps, window, seconds(), flops)
         if cfg.sample_every and not warm and step % cfg.sample_every == 0 and k < n_steps:
             _samples(run, trainer, step)
+        if cfg.eval_every and not warm and step % cfg.eval_every == 0:
+            _evaluate(run, trainer, step, window)
         if warm and k == n_steps:  # recorded before the end-of-warmup checkpoint, which carries it
             _record_warmup_cost(run, trainer, seconds(), flops)
         if do_ckpt:
