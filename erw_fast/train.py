@@ -151,6 +151,9 @@ def _output_flags(g, d, t):
     g.add_argument("--eval-every", type=int, default=0, metavar="N", help="FID of the EMA model every N steps "
                    "(and classifier accuracy on the digits), logged as `fid` in metrics.jsonl and TensorBoard; its "
                    "time is not counted as training (default 0: off)")
+    g.add_argument("--align-probe-every", type=int, default=0, metavar="N", help="CKNNA between the alignment "
+                   "block's tokens and the target features on 128 held-out images (t = 0) every N steps, logged as "
+                   "`align_probe` (see python -m erw_fast.probe; default 0: off)")
     g.add_argument("--eval-samples", type=int, default=400, metavar="K", help="class-balanced samples per online "
                    "evaluation, shared by all ranks (default 400)")
     g.add_argument("--eval-batch", type=int, default=100, help="sampling batch of the online evaluation (default 100)")

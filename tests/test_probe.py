@@ -230,3 +230,18 @@ def test_probe_cli_help_and_error_line():
     done = subprocess.run([sys.executable, "-m", "erw_fast.probe", "--ckpt", "/nonexistent/x.pt"], capture_output=True,
                           text=True, env=env)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+
+
+def test_align_probe_every_logs_a_rising_cknna_during_the_warmup(tmp_path):
+    """``--align-probe-every``: the alignment block's CKNNA is logged while training; the warmup raises it."""
+    import json
+
+    from erw_fast.engine import TrainConfig, train
+
+    out = str(tmp_path / "run")
+    train(TrainConfig(out=out, warmup_steps=40, steps=2, batch_size=32, progress=False, threads=1,
+                      samples_per_class=1, sample_steps=2, align_probe_every=20))
+    rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"align_probe"' in line]
+    warm = [r for r in rows if r["phase"] == "warmup"]
+    assert [r["step"] for r in warm] == [20, 40] and all(r["block"] == 2 for r in warm)
+    assert warm[1]["cknna"] > warm[0]["cknna"] > 0

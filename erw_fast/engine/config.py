@@ -95,6 +95,7 @@ class TrainConfig:
     guidance_high: Optional[float] = None
     samples_per_class: Optional[int] = None
     eval_every: int = 0                      # online FID every N steps (0 = off)
+    align_probe_every: int = 0               # CKNNA of the alignment block every N steps (0 = off)
     eval_samples: int = 400                  # samples per online evaluation
     eval_batch: int = 100                    # sampling batch of the online evaluation
     inception: Optional[str] = None          # latent data: TorchScript Inception file for online FID
@@ -110,11 +111,13 @@ class TrainConfig:
 
 # Fields that a resumed run takes from the new call rather than from the checkpoint.
 # ``RESUME_OVERRIDABLE`` win when set (not None); ``RESUME_FROM_CALL`` always come from the new call.
-RESUME_OVERRIDABLE = ("encoder_path", "steps", "inception", "eval_ref", "sample_every", "ckpt_every", "ckpt_at", "ckpt_every_minutes", "keep_last",
+RESUME_OVERRIDABLE = ("encoder_path", "steps", "inception", "eval_ref", "sample_every", "ckpt_every", "ckpt_at",
+                      "ckpt_every_minutes", "keep_last",
                       "log_every", "attn_backend", "fused",
                       "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class")
 RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device",
-                    "threads", "prefetch", "grad_accum", "grad_checkpoint", "fsdp")
+                    "threads", "prefetch", "grad_accum", "grad_checkpoint", "fsdp", "eval_every", "eval_samples",
+                    "eval_batch", "align_probe_every")
 
 
 def model_size(name: str) -> str:
@@ -234,9 +237,13 @@ def _check_numbers(c: TrainConfig):
 
 
 def _check_eval(c: TrainConfig):
-    for name in ("eval_every", ):
+    for name in ("eval_every", "align_probe_every"):
         if getattr(c, name) < 0:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(c, name)}")
+    if c.align_probe_every and not get_method(c.method).needs_encoder:
+        raise ValueError(f"--align-probe-every needs a target encoder, which --method {c.method} does not use")
+    if c.align_probe_every and c.fsdp:
+        raise ValueError("--align-probe-every does not run with --fsdp (it reads the blocks directly); drop one")
     if not c.eval_every:
         return
     if c.eval_samples < 2 or c.eval_batch < 1:

@@ -197,6 +197,11 @@ def run_phase(run, phase: str, model, ckpt) -> str:
     n_steps = cfg.warmup_steps if warm else cfg.steps
     offset = 0 if warm else cfg.warmup_steps
     trainer, batches, flops = build_trainer(run, phase, model, ckpt)
+    probe = None
+    if cfg.align_probe_every and run.dist.main and run.encoders:
+        from .align_probe import AlignProbe
+
+        probe = AlignProbe(run, warm)
     k, t_start = st.phase_step, time.time()
     window, last, status = dict(t0=time.time(), imgs=0, saved=time.time(), eval_s=0.0), {}, "finished"
     seconds = lambda: st.phase_seconds + (time.time() - t_start) - window["eval_s"]  # noqa: E731
@@ -217,6 +222,8 @@ def run_phase(run, phase: str, model, ckpt) -> str:
             _samples(run, trainer, step)
         if cfg.eval_every and not warm and step % cfg.eval_every == 0:
             _evaluate(run, trainer, step, window)
+        if probe is not None and step % cfg.align_probe_every == 0:
+            probe(run, trainer.model, step, phase)
         if warm and k == n_steps:  # recorded before the end-of-warmup checkpoint, which carries it
             _record_warmup_cost(run, trainer, seconds(), flops)
         if do_ckpt:
