@@ -212,12 +212,12 @@ def preprocess(images: Optional[str] = None, out: str = "", resolution: int = 25
         raise PreprocessError(f"--small-images {small_images!r}: use 'error' or 'upscale'")
     d = setup_distributed("auto", process_group=False)
     rank, world, dev = d.rank, d.world, (torch.device(device) if device is not None else d.device)
-    os.makedirs(out, exist_ok=True)
-    if from_repa is not None:
+    if from_repa is not None:  # the sources check their inputs: nothing is written before that
         source = _repa_source(from_repa, shard_size, batch_size)
     else:
         source = _image_source(images, resolution, vae, vae_dtype, batch_size, shard_size, workers,
                                small_images == "upscale", dev)
+    os.makedirs(out, exist_ok=True)
     total = len(source.files)
     source.settings["total"] = total
     sizes = shard_sizes(total, shard_size)
