@@ -1,18 +1,25 @@
-"""FID (and digit accuracy) of a checkpoint or a sample ``.npz``: ``python -m erw_fast.evaluate``.
+"""FID, Inception Score, precision/recall (and digit accuracy) of a checkpoint or a sample ``.npz``:
+``python -m erw_fast.evaluate``.
 
     python -m erw_fast.evaluate --npz samples.npz
     python -m erw_fast.evaluate --ckpt run/checkpoints/final.pt --num-samples 1000 --steps 100
 
-Digits default: features of the embedded digits classifier (independent of the training target
-encoder), reference statistics from all 1,797 embedded digits; with labels (the ``labels`` key
-that ``erw_fast.sample`` writes, or the generated classes) it also reports the fraction of samples
-the classifier reads as the requested digit. ImageNet: ``--feature-net inception --inception
-PATH --ref REF.npz`` (REF holds ``mu``/``sigma`` from the same network, or images in ``arr_0``).
+Digits default: features and softmax of the embedded digits classifier (independent of the training
+target encoder), reference: all 1,797 embedded digits; with labels (the ``labels`` key that
+``erw_fast.sample`` writes, or the generated classes) it also reports the fraction of samples the
+classifier reads as the requested digit. ImageNet: ``--feature-net inception --inception PATH --ref
+REF.npz``; REF may be ADM's reference batch (``VIRTUAL_imagenet256_labeled.npz``): FID against its
+``mu``/``sigma``, precision/recall against its ``arr_0`` images (a REF with only one of them: FID
+from it, the other metric null). Beside FID: ``inception_score`` (mean and ``inception_score_std``
+over 10 splits, as ADM) from the feature network's class softmax, and ``precision``/``recall``
+(Kynkäänniemi et al. 2019, k = 3) in its feature space; a metric that cannot be computed (too few
+samples, no class output, no reference images) is null with the reason in ``warning``.
 The digits network refuses images that are not greyscale 8..16 px squares (N, S, S, 1) and labels
 outside 0..9. ``--ckpt`` may be a run folder (its latest checkpoint); sampling shows a progress bar
 (``--no-progress`` to hide it). Prints one JSON line; ``--json-out`` also writes it to a file.
 Errors print one line ``error: ...`` (status 2; ``--debug`` for the traceback). The library behind
-it is :func:`erw_fast.evaluation.samples.evaluate`.
+it is :func:`erw_fast.evaluation.samples.evaluate`; see docs/evaluation.md for how the numbers
+compare with ADM's TensorFlow evaluator.
 """
 from __future__ import annotations
 
@@ -34,7 +41,8 @@ def build_parser():
                      "digits network: greyscale N×S×S×1, 8 <= S <= 16, labels 0..9)")
     p.add_argument("--feature-net", default="digits", choices=("digits", "inception"))
     p.add_argument("--inception", default=None, help="local TorchScript Inception-v3 file (for --feature-net inception)")
-    p.add_argument("--ref", default=None, help="reference .npz (mu/sigma or arr_0); default: the embedded digits")
+    p.add_argument("--ref", default=None, help="reference .npz: mu/sigma (FID) and/or arr_0 images (FID without "
+                   "mu/sigma, precision/recall), e.g. ADM's VIRTUAL_imagenet256_labeled.npz; default: the embedded digits")
     p.add_argument("--json-out", default=None)
     g = p.add_argument_group("sampling (with --ckpt)")
     g.add_argument("--num-samples", type=int, default=1000)

@@ -1,13 +1,19 @@
-"""Sample-quality metrics: Fréchet distance (FID), feature statistics, pluggable feature networks.
+"""Sample-quality metrics: FID, Inception Score, precision/recall, pluggable feature networks.
 
 - :func:`frechet_distance` works in float64 with a scipy-free, numerically stable matrix square
   root: ``tr sqrt(S1 S2) = tr sqrt(sqrt(S1) S2 sqrt(S1))``, the latter symmetric PSD, so both
   square roots come from symmetric eigen-decompositions (negative round-off eigenvalues clipped).
+- :func:`inception_score`: ``exp(mean_i KL(p(y|x_i) || p(y)))`` per split (``p(y)`` the split's
+  marginal), mean and std over ``splits`` contiguous splits (ADM / improved-GAN / StyleGAN).
+- :func:`precision_recall`: Kynkäänniemi et al. 2019 with k = 3 (as ADM): radii are the distance
+  to the k-th nearest neighbour excluding the point itself; float64, pairwise distances in blocks.
 - Feature networks implement ``features(images) -> (N, D)`` for images in [-1, 1], (N, C, H, W),
-  and have a ``name``. Built in: ``"digits"`` (the embedded classifier's 128-d embedding, see
-  :mod:`erw_fast.evaluation.digits_classifier`) and ``"inception"`` (Inception-v3 pool3 from a
-  local TorchScript file, :mod:`erw_fast.evaluation.inception`).
-- Digits reference statistics: all 1,797 embedded digits (16x16) through the digits network.
+  and have a ``name``; those with a classifier also give ``features_and_probabilities(images) ->
+  ((N, D), (N, C) or None)``. Built in: ``"digits"`` (the embedded classifier's 128-d embedding and
+  its softmax, see :mod:`erw_fast.evaluation.digits_classifier`) and ``"inception"`` (Inception-v3
+  pool3 and, where the file has it, its class softmax, from a local TorchScript file,
+  :mod:`erw_fast.evaluation.inception`).
+- Digits reference: all 1,797 embedded digits (16x16) through the digits network.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ import torch
 __all__ = [
     "FeatureNetwork", "DigitsFeatures", "frechet_distance", "feature_stats", "get_feature_network",
     "compute_features", "images_from_uint8", "digits_reference_stats", "fid_from_images",
-    "classifier_accuracy", "sqrtm_psd",
+    "classifier_accuracy", "sqrtm_psd", "inception_score", "precision_recall", "compute_features_and_probs",
+    "digits_reference_features",
 ]
 
 
@@ -68,11 +75,121 @@ def feature_stats(features) -> Tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------------------------
+# Inception Score, precision and recall
+# --------------------------------------------------------------------------------------------
+def inception_score(probs, splits: int = 10) -> Tuple[float, float]:
+    """Inception Score of class probabilities (N, C): per split ``exp(mean_i KL(p(y|x_i) || p(y)))``
+    with ``p(y)`` the split's mean prediction; returns (mean, std) over ``splits`` contiguous splits
+    (split i holds rows ``i*N//splits .. (i+1)*N//splits``: ADM's 5,000-row splits for N = 50,000).
+    Float64; ``0 log 0 = 0`` (where ADM's ``np.log`` would give NaN). 1 for identical predictions,
+    C for confident predictions balanced over C classes in every split."""
+    p = _f64(probs)
+    if isinstance(splits, bool) or not isinstance(splits, (int, np.integer)) or splits < 1:
+        raise ValueError(f"splits must be an integer >= 1, got {splits!r}")
+    if p.ndim != 2 or p.shape[1] < 1:
+        raise ValueError(f"probabilities must be (N, C), got shape {p.shape}")
+    n = p.shape[0]
+    if n < splits:
+        raise ValueError(f"Inception Score with {splits} splits needs at least {splits} samples, got {n}")
+    if not np.isfinite(p).all():
+        raise ValueError("probabilities contain NaN or inf")
+    dev = np.abs(p.sum(axis=1) - 1).max()
+    if p.min() < 0 or dev > 1e-3:
+        raise ValueError(f"probabilities (N, C) must be >= 0 with rows summing to 1 (min {p.min():.3g}, "
+                         f"largest |row sum - 1| {dev:.3g}): pass softmax outputs, not logits")
+    scores = []
+    for i in range(splits):
+        part = p[i * n // splits:(i + 1) * n // splits]
+        marginal = part.mean(axis=0, keepdims=True)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0)
+        scores.append(np.exp(terms.sum(axis=1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# squared distances below this fraction of |a|^2 + |b|^2 are float64 round-off of the expansion
+# |a|^2 - 2 a.b + |b|^2 (duplicates): they count as 0, so a duplicate is at distance 0 exactly
+_DIST_ROUNDOFF = 1e-12
+
+
+def _sq_dists(a: torch.Tensor, b: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances (len(a), len(b)) from precomputed squared norms, float64."""
+    d = na[:, None] + nb[None, :] - 2.0 * (a @ b.T)
+    return d.masked_fill_(d <= _DIST_ROUNDOFF * (na[:, None] + nb[None, :]), 0.0)
+
+
+def _kth_neighbour_sq(x: torch.Tensor, nx: torch.Tensor, k: int, batch_size: int) -> torch.Tensor:
+    """Squared distance of every row of ``x`` to its k-th nearest other row (itself excluded)."""
+    out = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    for r0 in range(0, len(x), batch_size):
+        rows = slice(r0, min(r0 + batch_size, len(x)))
+        best = None
+        for c0 in range(0, len(x), batch_size):
+            cols = slice(c0, min(c0 + batch_size, len(x)))
+            d = _sq_dists(x[rows], x[cols], nx[rows], nx[cols])
+            if r0 == c0:  # the diagonal block: a point is not its own neighbour
+                d.fill_diagonal_(float("inf"))
+            d = d.topk(min(k, d.shape[1]), dim=1, largest=False).values
+            if best is not None:
+                d = torch.cat([best, d], 1)
+                d = d.topk(min(k, d.shape[1]), dim=1, largest=False).values
+            best = d
+        out[rows] = best[:, k - 1]
+    return out
+
+
+def _feature_matrix(x, name: str, device) -> torch.Tensor:
+    t = x.detach() if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
+    t = t.to(device=device, dtype=torch.float64)
+    if t.ndim != 2:
+        raise ValueError(f"{name} must be (N, D), got shape {tuple(t.shape)}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contain NaN or inf")
+    return t
+
+
+def precision_recall(real_feats, fake_feats, k: int = 3, batch_size: int = 2048,
+                     device="cpu") -> Tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of ``fake_feats`` against
+    ``real_feats`` (N, D) each. Each set's manifold is the union of balls around its points with
+    radius = distance to the point's k-th nearest neighbour in the same set (itself excluded);
+    precision = fraction of fakes inside the real manifold, recall = fraction of reals inside the
+    fake manifold (inside: distance <= radius, as ADM). Float64 on ``device``; pairwise distances
+    in blocks of ``batch_size`` x ``batch_size`` (50K x 50K never held at once)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    real = _feature_matrix(real_feats, "real features", device)
+    fake = _feature_matrix(fake_feats, "fake features", device)
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"real features are {real.shape[1]}-d but fake features are {fake.shape[1]}-d")
+    for name, f in (("real", real), ("fake", fake)):
+        if len(f) <= k:
+            raise ValueError(f"precision/recall with k = {k} needs more than {k} {name} samples, got {len(f)}")
+    nr, nf = (real * real).sum(1), (fake * fake).sum(1)
+    r_real, r_fake = _kth_neighbour_sq(real, nr, k, batch_size), _kth_neighbour_sq(fake, nf, k, batch_size)
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=real.device)
+    real_in = torch.zeros(len(real), dtype=torch.bool, device=real.device)
+    for r0 in range(0, len(real), batch_size):
+        rows = slice(r0, min(r0 + batch_size, len(real)))
+        for c0 in range(0, len(fake), batch_size):
+            cols = slice(c0, min(c0 + batch_size, len(fake)))
+            d = _sq_dists(real[rows], fake[cols], nr[rows], nf[cols])
+            fake_in[cols] |= (d <= r_real[rows, None]).any(0)
+            real_in[rows] |= (d <= r_fake[None, cols]).any(1)
+    return fake_in.double().mean().item(), real_in.double().mean().item()
+
+
+# --------------------------------------------------------------------------------------------
 # Feature networks
 # --------------------------------------------------------------------------------------------
 @runtime_checkable
 class FeatureNetwork(Protocol):
-    """What FID needs: ``name`` and ``features(images in [-1, 1] (N, C, H, W)) -> (N, D)``."""
+    """What FID and precision/recall need: ``name`` and ``features(images in [-1, 1] (N, C, H, W))
+    -> (N, D)``. The Inception Score also needs class probabilities: an optional
+    ``features_and_probabilities(images) -> ((N, D), (N, C))`` (one pass), switched off by a false
+    ``has_probabilities`` attribute (see :func:`compute_features_and_probs`)."""
 
     name: str
 
@@ -98,6 +215,18 @@ class DigitsFeatures:
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images.to(self.device)).argmax(1)
 
+    @torch.no_grad()
+    def features_and_probabilities(self, images: torch.Tensor):
+        """128-d embedding and the classifier's softmax (N, 10) from one forward pass: logits are
+        ``scale * cos(embedding, prototype)`` exactly as :meth:`DigitsClassifier.forward`."""
+        f = self.model.features(images.to(self.device)).float()
+        protos = torch.nn.functional.normalize(self.model.prototypes, dim=1)
+        logits = self.model.scale * torch.nn.functional.normalize(f, dim=1) @ protos.t()
+        return f, logits.softmax(dim=1)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features_and_probabilities(images)[1]
+
 
 def get_feature_network(name: str = "digits", path: Optional[str] = None, device="cpu") -> FeatureNetwork:
     """``"digits"`` (shipped weights, or ``path``) or ``"inception"`` (``path`` to a local TorchScript file)."""
@@ -122,24 +251,58 @@ def images_from_uint8(arr) -> torch.Tensor:
     return torch.from_numpy(a).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def _image_batches(images, batch_size: int):
+    """Float (B, C, H, W) batches in [-1, 1] of float (N, C, H, W) or uint8 (N, H, W, C) images; uint8
+    is converted one batch at a time (50K ImageNet images as float would take 39 GB)."""
+    if torch.is_tensor(images) and images.dtype == torch.uint8:
+        images = images.numpy()
+    if not (isinstance(images, np.ndarray) and images.dtype == np.uint8):
+        images = torch.as_tensor(images)
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        yield images_from_uint8(chunk) if isinstance(chunk, np.ndarray) else chunk
+
+
 @torch.no_grad()
 def compute_features(images, net: FeatureNetwork, batch_size: int = 256) -> torch.Tensor:
     """Features (N, D) of images: float (N, C, H, W) in [-1, 1], or uint8 (N, H, W, C)."""
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8:
-        images = images_from_uint8(images)
-    images = torch.as_tensor(images)
-    if images.dtype == torch.uint8:
-        images = images_from_uint8(images.numpy())
-    out = [net.features(images[i:i + batch_size]).cpu() for i in range(0, len(images), batch_size)]
+    out = [net.features(x).cpu() for x in _image_batches(images, batch_size)]
     return torch.cat(out).double()
+
+
+@torch.no_grad()
+def compute_features_and_probs(images, net: FeatureNetwork, batch_size: int = 256):
+    """Features (N, D) float64 tensor and class probabilities (N, C) float64 array, or None when
+    ``net`` has no classifier (no ``features_and_probabilities``, or ``has_probabilities`` false),
+    from one pass over images (float (N, C, H, W) in [-1, 1], or uint8 (N, H, W, C))."""
+    if not callable(getattr(net, "features_and_probabilities", None)) or not getattr(net, "has_probabilities", True):
+        return compute_features(images, net, batch_size), None
+    feats, probs = [], []
+    for x in _image_batches(images, batch_size):
+        f, p = net.features_and_probabilities(x)
+        feats.append(f.cpu())
+        probs.append(None if p is None else p.cpu())
+    if any(p is None for p in probs):
+        return torch.cat(feats).double(), None
+    return torch.cat(feats).double(), torch.cat(probs).double().numpy()
+
+
+@lru_cache(maxsize=2)
+def _digits_reference_features(split: str) -> torch.Tensor:
+    from .data.digits import DigitsDataset
+
+    return compute_features(DigitsDataset(size=16, split=split).images, DigitsFeatures())
+
+
+def digits_reference_features(split: str = "all") -> torch.Tensor:
+    """Features (N, 128) float64 of the embedded digits (``all``/``train``/``val``): the reference
+    set of precision/recall on the digits."""
+    return _digits_reference_features(split).clone()
 
 
 @lru_cache(maxsize=2)
 def _digits_reference(split: str):
-    from .data.digits import DigitsDataset
-
-    x = DigitsDataset(size=16, split=split).images
-    return feature_stats(compute_features(x, DigitsFeatures()))
+    return feature_stats(_digits_reference_features(split))
 
 
 def digits_reference_stats(split: str = "all") -> Tuple[np.ndarray, np.ndarray]:
@@ -173,3 +336,6 @@ def classifier_accuracy(images, labels, net: Optional[DigitsFeatures] = None, ba
         raise ValueError("no images")
     preds = torch.cat([net.predict(images[i:i + batch_size]).cpu() for i in range(0, len(images), batch_size)])
     return (preds == labels).float().mean().item()
+
+
+from .evaluation.cknna import cknna  # noqa: E402,F401  (the representation-similarity metric, re-exported)

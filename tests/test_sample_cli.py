@@ -6,7 +6,7 @@ import torch
 from erw_fast.models.sit import SiT
 from erw_fast.sample import main
 from erw_fast.sampling.generate import generate, labels_for_indices, parse_interval
-from erw_fast.utils.png import read_png
+from erw_fast.utils.images import read_png
 
 CFG = dict(input_size=8, patch_size=4, in_channels=1, hidden_size=32, depth=2, num_heads=2, encoder_depth=1,
            num_classes=3, z_dims=[8], projector_dim=16, class_dropout_prob=0.1)
@@ -288,3 +288,95 @@ def test_sample_progress_prints_its_last_line_once(ckpt, tmp_path, capsys, monke
     bars = [s for s in err.replace("\r", "\n").splitlines() if s.startswith("sampling")]
     assert [b.split("|")[2].split()[0] for b in bars] == ["0/3", "1/3", "2/3", "3/3"], bars
     assert err.count("3/3") == 1 and "wrote" in err
+
+
+# --------------------------------------------------------------------------------------------
+# The metric set papers report: Inception Score and precision/recall beside FID
+# --------------------------------------------------------------------------------------------
+def test_evaluate_reports_inception_score_precision_and_recall(tmp_path):
+    import json
+
+    from erw_fast.data.digits import DigitsDataset
+    from erw_fast.evaluate import main as evaluate
+
+    val = DigitsDataset(split="val")
+    n = 200  # 20 a split
+    arr = np.clip(np.rint((val.images[:n].numpy() + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    np.savez(tmp_path / "val.npz", arr_0=arr, labels=val.labels[:n].numpy())
+    res = evaluate(["--npz", str(tmp_path / "val.npz"), "--json-out", str(tmp_path / "r.json")])
+    keys = ("fid", "num_samples", "feature_net", "inception_score", "inception_score_std", "precision", "recall",
+            "accuracy", "npz")
+    assert set(keys) <= set(res) and json.loads((tmp_path / "r.json").read_text()) == res
+    # real digits against all digits (val is part of the reference): every sample is inside
+    assert res["precision"] == 1.0 and 0.8 < res["recall"] <= 1.0
+    assert 7.0 < res["inception_score"] <= 10.0 and 0 <= res["inception_score_std"] < 1.5  # 10 classes at most
+    assert "warning" not in res
+    noise = np.random.default_rng(0).integers(0, 256, arr.shape, dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", arr_0=noise)
+    bad = evaluate(["--npz", str(tmp_path / "noise.npz")])
+    assert bad["precision"] < 0.05 and bad["recall"] < 0.05 and bad["inception_score"] < 3.0
+    # a reference with statistics but no images: FID, and precision/recall null with the reason
+    from erw_fast.metrics import digits_reference_stats
+
+    mu, sigma = digits_reference_stats()
+    np.savez(tmp_path / "stats.npz", mu=mu, sigma=sigma)
+    only = evaluate(["--npz", str(tmp_path / "val.npz"), "--ref", str(tmp_path / "stats.npz")])
+    assert only["fid"] == pytest.approx(res["fid"], rel=1e-5)
+    assert only["precision"] is None and only["recall"] is None and "no arr_0" in only["warning"]
+
+
+def test_evaluate_metrics_on_too_few_samples_are_null(tmp_path, capsys):
+    import json
+
+    from erw_fast.evaluate import main as evaluate
+    from erw_fast.utils.cli import run_cli
+
+    np.savez(tmp_path / "three.npz", arr_0=np.full((3, 8, 8, 1), 128, np.uint8))
+    evaluate(["--npz", str(tmp_path / "three.npz"), "--json-out", str(tmp_path / "r.json")])
+    text = (tmp_path / "r.json").read_text()
+    assert '"inception_score": null' in text and '"precision": null' in text
+    res = json.loads(text)
+    assert res["inception_score"] is None and res["recall"] is None and res["fid"] >= 0
+    assert "at least 10 samples" in res["warning"] and "need more than 3" in res["warning"]
+    np.savez(tmp_path / "bad_ref.npz", mu=np.zeros(5))
+    capsys.readouterr()
+    assert run_cli(evaluate, ["--npz", str(tmp_path / "three.npz"), "--ref", str(tmp_path / "bad_ref.npz")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --ref {tmp_path / 'bad_ref.npz'}: has mu without sigma; FID needs both"]
+
+
+class _TinyInception(torch.nn.Module):
+    """The interface of NVIDIA's TorchScript Inception (features, or the no-bias softmax), 4-d features."""
+
+    def __init__(self):
+        super().__init__()
+        self.output = torch.nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        feats = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(1, 2, 3))[:, None]], 1) / 64.0
+        if return_features:
+            return feats
+        logits = torch.nn.functional.linear(feats, self.output.weight, None if no_output_bias else self.output.bias)
+        return torch.nn.functional.softmax(logits, 1)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_evaluate_inception_path_with_an_adm_style_reference(tmp_path):
+    from erw_fast.evaluate import main as evaluate
+    from erw_fast.evaluation.inception import InceptionFeatures
+    from erw_fast.metrics import compute_features, feature_stats
+
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(_TinyInception()), str(tmp_path / "inception.pt"))
+    rng = np.random.default_rng(0)
+    ref_imgs = rng.integers(0, 256, (60, 16, 16, 3), dtype=np.uint8)
+    samples = np.concatenate([ref_imgs[:20], rng.integers(0, 128, (20, 16, 16, 3), dtype=np.uint8)])
+    mu, sigma = feature_stats(compute_features(ref_imgs, InceptionFeatures(str(tmp_path / "inception.pt"))))
+    np.savez(tmp_path / "VIRTUAL_ref.npz", arr_0=ref_imgs, mu=mu, sigma=sigma, mu_s=np.zeros(3), sigma_s=np.eye(3))
+    np.savez(tmp_path / "samples.npz", arr_0=samples)
+    res = evaluate(["--npz", str(tmp_path / "samples.npz"), "--feature-net", "inception", "--inception",
+                    str(tmp_path / "inception.pt"), "--ref", str(tmp_path / "VIRTUAL_ref.npz"), "--device", "cpu"])
+    assert res["feature_net"] == "inception-v3" and res["fid"] > 0
+    assert 1.0 <= res["inception_score"] <= 6.0 and res["inception_score_std"] >= 0
+    assert 0.5 <= res["precision"] <= 1.0 and 0.0 < res["recall"] <= 1.0  # 20 copies of reals are inside

@@ -1,11 +1,12 @@
-"""FID (and digit accuracy) of a sample file or of fresh samples from a checkpoint: the library
-behind ``python -m erw_fast.evaluate``.
+"""FID, Inception Score, precision/recall (and digit accuracy) of a sample file or of fresh samples
+from a checkpoint: the library behind ``python -m erw_fast.evaluate``.
 
-Digits default: features of the embedded digits classifier (independent of the training target
-encoder), reference statistics from all 1,797 embedded digits; with labels (the ``labels`` key
-that ``erw_fast.sample`` writes, or the generated classes) it also reports the fraction of samples
-the classifier reads as the requested digit. ImageNet: ``feature_net="inception"`` with a local
-Inception file and ``ref`` (``mu``/``sigma`` from the same network, or images in ``arr_0``).
+Digits default: features and softmax of the embedded digits classifier (independent of the training
+target encoder), reference: all 1,797 embedded digits; with labels (the ``labels`` key that
+``erw_fast.sample`` writes, or the generated classes) it also reports the fraction of samples the
+classifier reads as the requested digit. ImageNet: ``feature_net="inception"`` with a local
+Inception file and ``ref`` (an ADM reference batch: ``mu``/``sigma`` for FID, ``arr_0`` images for
+precision/recall; or only one of them).
 
 The digits network refuses what it cannot score honestly: images that are not greyscale digits of
 8 to 16 pixels square (an RGB or ImageNet-sized file would otherwise be averaged to grey and
@@ -19,14 +20,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..metrics import (classifier_accuracy, compute_features, digits_reference_stats, feature_stats,
-                       frechet_distance, get_feature_network)
+from ..metrics import (classifier_accuracy, compute_features, compute_features_and_probs, digits_reference_features,
+                       digits_reference_stats, feature_stats, frechet_distance, get_feature_network, inception_score,
+                       precision_recall)
 from ..sampling import SAMPLERS
 from ..sampling.generate import (check_request, checkpoint_path, generate, load_model, parse_classes,
                                   parse_interval)
 
-__all__ = ["load_npz_samples", "reference_stats", "check_digits_input", "evaluate_samples", "sample_for_evaluation",
-           "evaluate"]
+__all__ = ["load_npz_samples", "load_reference", "reference", "reference_stats", "check_digits_input",
+           "evaluate_samples", "sample_for_evaluation", "evaluate"]
 
 DIGITS_SIZES = (8, 16)  # the embedded digits' own size .. the classifier's input (and the reference's) size
 DIGITS_CLASSES = 10
@@ -71,39 +73,112 @@ def load_npz_samples(path: str):
     return arr, labels
 
 
-def reference_stats(net, ref: Optional[str]):
-    """(mu, sigma) of ``ref`` (mu/sigma, or images in arr_0), or of the embedded digits."""
+def load_reference(path: str) -> dict:
+    """A reference batch: ``{"images": uint8 (N, H, W, C) or None, "mu": (D,) or None, "sigma": (D, D)
+    or None}``. Reads ADM's reference batches (``VIRTUAL_imagenet256_labeled.npz``: ``arr_0`` images
+    and ``mu``/``sigma`` pool3 statistics) and our own files; other keys (ADM's spatial ``mu_s``/
+    ``sigma_s``, ``spatial_mu``/``spatial_sigma``, labels) are ignored."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"reference file not found: {path}")
+    with np.load(path, allow_pickle=False) as f:
+        keys = set(f.keys())
+        if ("mu" in keys) != ("sigma" in keys):
+            raise ValueError(f"--ref {path}: has {'mu' if 'mu' in keys else 'sigma'} without "
+                             f"{'sigma' if 'mu' in keys else 'mu'}; FID needs both")
+        if "arr_0" not in keys and "mu" not in keys:
+            raise ValueError(f"--ref {path}: expected 'mu' and 'sigma' or images in 'arr_0' (keys: {sorted(keys)})")
+        images = f["arr_0"] if "arr_0" in keys else None
+        mu = np.asarray(f["mu"], np.float64) if "mu" in keys else None
+        sigma = np.asarray(f["sigma"], np.float64) if "sigma" in keys else None
+    if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0):
+        raise ValueError(f"--ref {path}: arr_0 must be uint8 (N, H, W, C) with N >= 1, got {images.dtype} "
+                         f"{images.shape}")
+    if mu is not None and (mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2):
+        raise ValueError(f"--ref {path}: mu {mu.shape} and sigma {sigma.shape}, expected (D,) and (D, D)")
+    return {"images": images, "mu": mu, "sigma": sigma}
+
+
+def reference(net, ref: Optional[str], features: bool = True):
+    """(mu, sigma, features or None) of the reference for ``net``: ``ref``'s ``mu``/``sigma`` when it
+    has them (as ADM: FID against the file's statistics), else those of its ``arr_0`` images;
+    features of its ``arr_0`` images (precision/recall; None without images, or with ``features=False``
+    when the file has ``mu``/``sigma``). No ``ref``: the embedded digits (digits network only)."""
     if ref is None:
         if net.name != "digits":
             raise ValueError("--ref REF.npz is required for feature networks other than 'digits'")
-        return digits_reference_stats()
-    if not os.path.isfile(ref):
-        raise FileNotFoundError(f"reference file not found: {ref}")
-    with np.load(ref, allow_pickle=False) as f:
-        if "mu" in f and "sigma" in f:
-            return f["mu"], f["sigma"]
-        if "arr_0" in f:
-            if net.name == "digits":
-                check_digits_input(f["arr_0"], source=f"--ref {ref}")
-            return feature_stats(compute_features(f["arr_0"], net))
-    raise ValueError(f"{ref}: expected 'mu' and 'sigma' or images in 'arr_0'")
+        mu, sigma = digits_reference_stats()
+        return mu, sigma, digits_reference_features() if features else None
+    r = load_reference(ref)
+    feats = None
+    if r["images"] is not None and (features or r["mu"] is None):
+        if net.name == "digits":
+            check_digits_input(r["images"], source=f"--ref {ref}")
+        feats = compute_features(r["images"], net)
+    if r["mu"] is not None:
+        return r["mu"], r["sigma"], feats
+    if len(feats) < 2:
+        raise ValueError(f"--ref {ref}: FID statistics need at least 2 images in arr_0, got {len(feats)}")
+    return (*feature_stats(feats), feats)
+
+
+def reference_stats(net, ref: Optional[str]):
+    """(mu, sigma) of ``ref`` (mu/sigma, or images in arr_0), or of the embedded digits."""
+    return reference(net, ref, features=False)[:2]
+
+
+IS_SPLITS = 10  # ADM: 5,000-sample splits of 50,000 samples
+PR_K = 3  # ADM / Kynkäänniemi et al.: k-th nearest neighbour radii
+
+
+def _score_is(probs, n: int, net_name: str, notes: list):
+    if probs is None:
+        notes.append(f"inception_score: the {net_name} feature network gives no class probabilities")
+        return None, None
+    if n < IS_SPLITS:
+        notes.append(f"inception_score needs at least {IS_SPLITS} samples ({IS_SPLITS} splits), got {n}")
+        return None, None
+    if n // IS_SPLITS < probs.shape[1]:
+        notes.append(f"inception_score: {n // IS_SPLITS} samples per split for {probs.shape[1]} classes, "
+                        "IS is biased low")
+    return inception_score(probs, IS_SPLITS)
+
+
+def _score_pr(ref_feats, feats, ref: Optional[str], device, notes: list):
+    if ref_feats is None:
+        notes.append(f"precision/recall need reference images: --ref {ref} has mu/sigma but no arr_0")
+        return None, None
+    if len(feats) <= PR_K or len(ref_feats) <= PR_K:
+        notes.append(f"precision/recall (k = {PR_K}) need more than {PR_K} samples and reference images, "
+                        f"got {len(feats)} and {len(ref_feats)}")
+        return None, None
+    return precision_recall(ref_feats, feats, k=PR_K, device=device)
 
 
 def evaluate_samples(arr: np.ndarray, labels=None, feature_net: str = "digits", net_path: Optional[str] = None,
                      ref: Optional[str] = None, device="cpu", source: str = "samples") -> dict:
-    """FID (and digits conditional accuracy when labels are given) of uint8 (N, H, W, C) samples;
-    ``source`` names them in errors."""
+    """FID, Inception Score (10 splits) and precision/recall (k = 3, against the reference images) of
+    uint8 (N, H, W, C) samples, and digits conditional accuracy when labels are given; ``source``
+    names them in errors. A metric that cannot be computed is None, with the reason in ``warning``."""
     if len(arr) < 2:
         raise ValueError(f"{source}: FID needs at least 2 samples, got {len(arr)}")
     if feature_net == "digits":  # before loading the network: refuse what it cannot score
         check_digits_input(arr, labels, source)
     net = get_feature_network(feature_net, net_path, device)
-    mu_r, sigma_r = reference_stats(net, ref)
-    mu, sigma = feature_stats(compute_features(arr, net))
-    out = {"fid": frechet_distance(mu, sigma, mu_r, sigma_r), "num_samples": int(len(arr)),
-           "feature_net": net.name}
+    mu_r, sigma_r, ref_feats = reference(net, ref)
+    feats, probs = compute_features_and_probs(arr, net)
+    mu, sigma = feature_stats(feats)
+    if np.shape(mu_r) != mu.shape:
+        raise ValueError(f"--ref {ref}: reference mu is {np.shape(mu_r)} but the {net.name} feature network gives "
+                         f"{mu.shape[0]}-d features; the reference must come from the same network")
+    notes = []
     if len(arr) <= mu.shape[0]:
-        out["warning"] = f"{len(arr)} samples for {mu.shape[0]}-d features: the covariance is singular, FID is biased"
+        notes.append(f"{len(arr)} samples for {mu.shape[0]}-d features: the covariance is singular, FID is biased")
+    is_mean, is_std = _score_is(probs, len(arr), net.name, notes)
+    precision, recall = _score_pr(ref_feats, feats, ref, device, notes)
+    out = {"fid": frechet_distance(mu, sigma, mu_r, sigma_r), "num_samples": int(len(arr)), "feature_net": net.name,
+           "inception_score": is_mean, "inception_score_std": is_std, "precision": precision, "recall": recall}
+    if notes:
+        out["warning"] = "; ".join(notes)
     if labels is not None and net.name == "digits":
         out["accuracy"] = classifier_accuracy(arr, labels, net)
     return out
