@@ -15,6 +15,9 @@ import sys
 
 from .engine import TrainConfig, train
 from .engine.config import DATA_DEFAULTS, MODEL_DEFAULTS
+from .method.alignment import ALIGNMENT_LOSSES
+from .method.schedules import SCHEDULES
+from .sampling import SAMPLERS
 from .utils.cli import EXIT_OK, add_debug_flag, run_cli
 from .utils.distributed import shutdown
 
@@ -48,7 +51,7 @@ def _method_flags(g, d, t):
                    "or ERW's released 0100000.pt); its blocks set --l2r-depth and the step numbering; its cost is "
                    "reported as reused, not charged to this run")
     g.add_argument("--steps", type=int, help=f"full-training (phase-2) steps (default {d['steps']} on digits)")
-    g.add_argument("--lambda-schedule", choices=("halflife", "exp", "constant"),
+    g.add_argument("--lambda-schedule", choices=tuple(SCHEDULES),
                    help="λ(k) over phase-2 steps k: halflife λ0·2^(-k/h) (ERW default), exp λ0·exp(-k/τ), "
                    "constant (REPA default)")
     g.add_argument("--lambda0", type=float, help=f"alignment weight λ0 at the start of full training "
@@ -61,7 +64,7 @@ def _method_flags(g, d, t):
                    "cheaper; HASTE, 2025). Default: never")
     g.add_argument("--lambda-min", type=float, default=0.0, help="a λ that the schedule has decayed below this counts "
                    "as 0 and stops the alignment as --align-until does (default 0: off)")
-    g.add_argument("--align-loss", default="cosine", choices=("cosine", "ntxent"),
+    g.add_argument("--align-loss", default="cosine", choices=tuple(ALIGNMENT_LOSSES),
                    help="alignment loss: negative cosine per token (default) or NT-Xent with in-batch negatives")
     g.add_argument("--temperature", type=float, default=0.1, help="NT-Xent temperature (default 0.1)")
 
@@ -107,12 +110,18 @@ def _optimisation_flags(g, d, t):
 
 def _data_and_target_encoder_flags(g, d, t):
     """The "data and target encoder" flags."""
-    g.add_argument("--data", default="digits", help="dataset: digits (default, the embedded handwritten digits) "
+    g.add_argument("--data", default="digits", help="dataset: digits (default, the embedded handwritten digits), "
+                   "imagefolder:DIR (DIR/<class>/<image>.png, pixel space; a plain DIR of class sub-folders too) "
                    "or a latent dataset folder from `python -m erw_fast.preprocess` (or REPA's images/ + vae-sd/ "
                    "layout); latent runs default to the ImageNet recipe (SiT-XL/2, batch 256, ...)")
+    g.add_argument("--resolution", type=int, choices=(32, 64, 128), help="image folders: side the images are "
+                   "resized and centre-cropped to (default 32)")
+    g.add_argument("--hflip", action="store_true", help="image folders: mirror each training sample left-right "
+                   "with probability 1/2, drawn per (seed, step, sample)")
     g.add_argument("--encoder", default="digits-cnn", help="target encoder(s), comma-separated: digits-cnn "
                    "(default on digits: the embedded encoder, 8x8 tokens for 16x16 images), dinov2-vit-{s,b,l,g} "
-                   "or dinov2-vit-{s,b,l,g}_reg (default dinov2-vit-b on latent data)")
+                   "or dinov2-vit-{s,b,l,g}_reg (default dinov2-vit-b on latent data and image folders); none "
+                   "with --method vanilla")
     g.add_argument("--encoder-path", help="local target-encoder weights: a transformers save_pretrained folder "
                    "(facebook/dinov2-*) or a torch.hub clone of facebookresearch/dinov2 (default: the Hugging Face "
                    "or torch hub cache, downloaded when online)")
@@ -144,7 +153,7 @@ def _output_flags(g, d, t):
                    "end-of-warmup one and --ckpt-at ones are always kept; default: keep all)")
     g.add_argument("--log-every", type=int, help=f"log metrics every N steps (default {d['log_every']} on digits)")
     g.add_argument("--sample-steps", type=int, help=f"sampler steps for the grid (default {d['sample_steps']} on digits)")
-    g.add_argument("--sampler", choices=("sde", "ode-euler", "ode-heun"), help="sampler for the grid (default sde)")
+    g.add_argument("--sampler", choices=SAMPLERS, help="sampler for the grid (default sde)")
     g.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance scale for the grid "
                    f"(default {d['cfg_scale']} on digits)")
     g.add_argument("--samples-per-class", type=int, help=f"grid columns (default {d['samples_per_class']})")

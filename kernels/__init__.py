@@ -64,3 +64,10 @@ def sm_count(device):
 
 
 __all__ = ["LAUNCHES", "POISON", "interpret_env", "count_launch", "reset_launches", "empty", "device_guard", "sm_count"]
+
+
+def split_rows(T, splits, block_t):
+    """-> (rows_per_split, splits): whole tiles of ``block_t`` rows per split, empty splits dropped
+    (the T-split of the backward kernels' partial reductions)."""
+    rows_per_split = -(-(-(-T // splits)) // block_t) * block_t
+    return rows_per_split, -(-T // rows_per_split)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import count_launch, device_guard, empty, interpret_env, sm_count
+from . import count_launch, device_guard, empty, interpret_env, sm_count, split_rows
 
 INTERPRET = interpret_env()  # what triton.jit saw when this module's kernels were defined
 
@@ -96,12 +96,6 @@ def _splits_for_sms(B, T, block_t, n_d, sms):
     return max(1, min(triton.cdiv(T, block_t), triton.cdiv(4 * sms, B * n_d)))
 
 
-def _split_rows(T, splits, block_t):
-    """-> (rows_per_split, splits): whole tiles per split, empty splits dropped."""
-    rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
-    return rows_per_split, triton.cdiv(T, rows_per_split)
-
-
 def cuda_launch_config(B, T, D, sms, backward=False):
     """What the launchers pick by default on a CUDA device with ``sms`` SMs (no device needed).
 
@@ -112,7 +106,7 @@ def cuda_launch_config(B, T, D, sms, backward=False):
     n_d = triton.cdiv(D, bd)
     cfg = dict(BLOCK_T=bt, BLOCK_D=bd, num_warps=nw, grid=(triton.cdiv(T, bt), n_d, B))
     if backward:
-        rows_per_split, splits = _split_rows(T, _splits_for_sms(B, T, bt, n_d, sms), bt)
+        rows_per_split, splits = split_rows(T, _splits_for_sms(B, T, bt, n_d, sms), bt)
         cfg.update(grid=(splits, n_d, B), rows_per_split=rows_per_split)
     return cfg
 
@@ -157,7 +151,7 @@ def gated_residual_bwd(dout, gate, y, dy=None, dy_dtype=None, splits=None, block
     n_d = triton.cdiv(D, bd)
     if splits is None:
         splits = _splits_for_sms(B, T, bt, n_d, sm_count(y.device)) if y.device.type == "cuda" else 1
-    rows_per_split, splits = _split_rows(T, splits, bt)
+    rows_per_split, splits = split_rows(T, splits, bt)
     part = empty((B, splits, D), torch.float32, y.device)
     with device_guard(dy):
         _gres_bwd_kernel[(splits, n_d, B)](

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import count_launch, device_guard, empty, interpret_env, sm_count
+from . import count_launch, device_guard, empty, interpret_env, sm_count, split_rows
 
 INTERPRET = interpret_env()  # what triton.jit saw when this module's kernels were defined
 
@@ -165,12 +165,6 @@ def _num_splits(B, T, block_t, device):
     return 1  # interpreter: one program per batch row
 
 
-def _split_rows(T, splits, block_t):
-    """-> (rows_per_split, splits): whole tiles per split, empty splits dropped."""
-    rows_per_split = triton.cdiv(triton.cdiv(T, splits), block_t) * block_t
-    return rows_per_split, triton.cdiv(T, rows_per_split)
-
-
 def cuda_launch_config(B, T, D, sms, backward=False):
     """What the launchers pick by default on a CUDA device with ``sms`` SMs (no device needed).
 
@@ -180,7 +174,7 @@ def cuda_launch_config(B, T, D, sms, backward=False):
     block_t, block_d, nw = _tile_config(T, D, torch.device("cuda"), backward=backward)
     cfg = dict(BLOCK_T=block_t, BLOCK_D=block_d, num_warps=nw, grid=(triton.cdiv(T, block_t), B))
     if backward:
-        rows_per_split, splits = _split_rows(T, _splits_for_sms(B, T, block_t, sms), block_t)
+        rows_per_split, splits = split_rows(T, _splits_for_sms(B, T, block_t, sms), block_t)
         cfg.update(grid=(splits, B), rows_per_split=rows_per_split)
     return cfg
 
@@ -206,7 +200,7 @@ def layernorm_modulate_bwd(dy, x, scale, eps=1e-6, dx=None, dx_dtype=None, split
     block_t, block_d, nw = _tile_config(T, D, x.device, block_t, num_warps, backward=True)
     if splits is None:
         splits = _num_splits(B, T, block_t, x.device)
-    rows_per_split, splits = _split_rows(T, splits, block_t)
+    rows_per_split, splits = split_rows(T, splits, block_t)
     dshift_p = empty((B, splits, D), torch.float32, x.device)
     dscale_p = empty((B, splits, D), torch.float32, x.device)
     with device_guard(dx):

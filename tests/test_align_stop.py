@@ -94,3 +94,22 @@ def test_ddp_ready_for_unused_projectors():
     sched = AlignmentSchedule("constant", 1.0, until=3)
     assert Objective(torch.nn.Linear(1, 1), None, True, sched).may_stop_aligning
     assert not Objective(torch.nn.Linear(1, 1), None, True, AlignmentSchedule("constant", 1.0)).may_stop_aligning
+
+
+def test_flop_totals_survive_a_resume_past_the_stop_and_a_stop_at_zero(tmp_path):
+    first = train(cfg(tmp_path, "r", method="repa", steps=5, align_until=2, stop_after=4))
+    assert first.status == "stopped"
+    res = train(cfg(tmp_path, "r", method="repa", steps=5, align_until=2, resume="auto"))
+    assert res.summary["train_flops_total"] is not None and res.summary["train_flops_total"] > 0
+    zero = train(cfg(tmp_path, "z", method="repa", steps=3, align_until=0))
+    off = [r["flops_per_step"] for r in log_rows(zero.out)]
+    assert zero.summary["train_flops_total"] == 3 * off[0]
+
+
+def test_warmup_only_run_keeps_its_warmup_checkpoint(tmp_path):
+    res = train(cfg(tmp_path, "w", steps=0, warmup_steps=3))
+    ck = torch.load(os.path.join(res.out, "checkpoints", "0000003.pt"), weights_only=True)
+    assert ck["phase"] == "warmup" and res.steps == 3
+    reuse = train(cfg(tmp_path, "reuse", warmup_from=os.path.join(res.out, "checkpoints", "0000003.pt"), steps=2,
+                      warmup_steps=None))
+    assert reuse.status == "finished"

@@ -50,3 +50,13 @@ def test_cpu_ranks_use_gloo_and_shards_need_no_group(monkeypatch):
     assert seen["init"] == {"backend": "gloo"}
     with pytest.raises(ValueError, match="--device"):
         D.pick_device("tpu")
+
+
+def test_bad_device_strings_are_one_line_errors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="use auto, cpu, cuda or cuda:N"):
+        D.pick_device("cuda:x")
+    with pytest.raises(ValueError, match="has 1 CUDA device"):
+        D.pick_device("cuda:3")
+    assert D.pick_device("cuda:0") == torch.device("cuda", 0)

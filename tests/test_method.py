@@ -194,3 +194,22 @@ def test_transport_convention():
     assert torch.allclose(velocity_loss(eps - x, x, eps), torch.tensor(0.0))
     pred = torch.zeros_like(x)
     assert torch.allclose(velocity_loss(pred, x, eps), (eps - x).square().mean())
+
+
+def test_a_registered_schedule_and_loss_are_accepted_by_the_trainer(tmp_path):
+    """Where ARCHITECTURE says new work goes: one registry entry is enough (config and CLI read the registries)."""
+    from erw_fast.engine import TrainConfig, resolve_config
+    from erw_fast.method.alignment import ALIGNMENT_LOSSES, register_alignment
+    from erw_fast.method.schedules import SCHEDULES, register_schedule
+    from erw_fast.train import build_parser
+
+    register_schedule("linear-test")(lambda k, s: max(0.0, s.lambda0 * (1 - k / 1000)))
+    register_alignment("l2-test")(lambda a, b, temperature: (a - b).square().sum(-1).mean())
+    try:
+        c = resolve_config(TrainConfig(lambda_schedule="linear-test", align_loss="l2-test"))
+        assert c.lambda_schedule == "linear-test" and AlignmentSchedule("linear-test", 1.0)(500) == 0.5
+        args = build_parser().parse_args(["--lambda-schedule", "linear-test", "--align-loss", "l2-test"])
+        assert args.lambda_schedule == "linear-test"
+    finally:
+        SCHEDULES.pop("linear-test")
+        ALIGNMENT_LOSSES.pop("l2-test")

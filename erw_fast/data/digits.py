@@ -65,7 +65,8 @@ class DigitsDataset(torch.utils.data.Dataset):
 
 class DigitsData:
     """The digits as the training engine reads them (the ``erw_fast.data.TrainData`` protocol): all
-    images and labels on ``device`` once, a batch is an index into them, the pixels are the data."""
+    images and labels in memory (``images``/``labels`` on ``device``), a batch is an index into the
+    host copy (the engine pins it and copies it without a sync), the pixels are the data."""
 
     is_latent = False
     root = None
@@ -74,6 +75,7 @@ class DigitsData:
 
     def __init__(self, device="cpu", size: int = 16):
         x, y = load_digits(size)
+        self._host = (x, y)
         self.images, self.labels = x.to(device), y.to(device)
         self.input_size = size
 
@@ -87,8 +89,9 @@ class DigitsData:
     def batch(self, idx, seed: int, step: int, sample_ids, with_pixels: bool = True):
         """``(images[idx], labels[idx], images[idx])``: the encoder sees the images themselves (the
         seeds are unused: nothing is drawn)."""
-        x = self.images[idx]
-        return x, self.labels[idx], x
+        images, labels = self._host
+        x = images[idx]
+        return x, labels[idx], x
 
     def sample_classes(self):
         """None: a sample grid shows every class."""

@@ -24,6 +24,7 @@ def load_encoders(cfg: TrainConfig, data, device) -> List:
     if not get_method(cfg.method).needs_encoder:
         return []
     from ..encoders import build_encoder, check_token_grid
+    from ..encoders.dinov2 import EncoderWeightsError
 
     patch = int(cfg.model.rsplit("/", 1)[1])
     if cfg.features == "precomputed":
@@ -40,8 +41,11 @@ def load_encoders(cfg: TrainConfig, data, device) -> List:
         if paths and len(paths) != len(names):
             raise ValueError(f"--encoder-path lists {len(paths)} path(s) for {len(names)} encoder(s) "
                              f"({cfg.encoder}); give one per encoder, comma-separated")
-        encoders = [build_encoder(n, device=device, **enc_kw, **({"path": paths[i]} if paths and paths[i] else {}))
-                    for i, n in enumerate(names)]
+        try:
+            encoders = [build_encoder(n, device=device, **enc_kw, **({"path": paths[i]} if paths and paths[i] else {}))
+                        for i, n in enumerate(names)]
+        except EncoderWeightsError as e:  # offline without local weights: name the flag, in one line
+            raise ValueError(f"--encoder {cfg.encoder}: {e}; or train without one: --method vanilla --encoder none") from e
     check_token_grid(encoders, (data.input_size // patch) ** 2, f"model {cfg.model}")
     return encoders
 
@@ -92,7 +96,7 @@ def measure_step_flops(config: TrainConfig) -> Dict[str, float]:
     device = pick_device(cfg.device)
     from ..data import load_train_data
 
-    data = load_train_data(cfg.data, device)
+    data = load_train_data(cfg.data, device, resolution=cfg.resolution, hflip=cfg.hflip)
     encoders = load_encoders(cfg, data, device)
     phases = [p for p in get_method(cfg.method).phases if p != PHASE_WARMUP or cfg.warmup_steps > 0]
     out = {}

@@ -123,17 +123,38 @@ def _check_belongs(path: str, out: str):
 
 
 def truncate_metrics(out: str, step: int):
-    """Drop the log rows and events after ``step`` (from a run that went on past the checkpoint it
-    is now resumed from), so ``metrics.jsonl`` has no step twice."""
+    """Cut ``metrics.jsonl`` back to where the checkpoint of ``step`` was written (its ``checkpoint``
+    event; without one, to the rows of steps <= ``step``), so a resumed run logs no step twice and no
+    event twice. A line half-written by a killed process is dropped."""
     path = os.path.join(out, "metrics.jsonl")
     if not os.path.exists(path):
         return
+    rows = []
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    keep = [r for r in rows if int(r.get("step", r.get("steps", 0)) or 0) <= step]
-    if len(keep) != len(rows):
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    marks = [i for i, r in enumerate(rows) if r.get("event") == "checkpoint" and r.get("steps") == step]
+    if marks:
+        keep = rows[:marks[-1] + 1]
+    else:
+        keep = [r for r in rows if int(r.get("step", r.get("steps", 0)) or 0) <= step]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in keep)
+
+
+def set_aside_newer_checkpoints(out: str, step: int) -> list:
+    """Resuming from an older checkpoint abandons the newer ones: they move to
+    ``checkpoints/abandoned/`` (kept, but no longer the run's latest)."""
+    newer = [p for p in list_checkpoints(out) if int(os.path.basename(p)[:-3]) > step]
+    if newer:
+        folder = os.path.join(out, "checkpoints", "abandoned")
+        os.makedirs(folder, exist_ok=True)
+        for p in newer:
+            os.replace(p, os.path.join(folder, os.path.basename(p)))
+    return newer
 
 
 def resume_config(config: TrainConfig, ckpt_args: dict) -> TrainConfig:
@@ -175,6 +196,10 @@ def read_warmup_source(path: str) -> WarmupSource:
                          f"it with --resume {path}, or give a warmup checkpoint (a run's RUN/checkpoints/<warmup "
                          "steps>.pt, or ERW's released 0100000.pt)")
     args = _args_dict(ckpt.get("args")) if isinstance(ckpt, dict) else {}
+    if ours and int(ckpt["phase_step"]) < int(args.get("warmup_steps") or 0):
+        raise ValueError(f"--warmup-from {path} is from the middle of a warmup (step {ckpt['phase_step']} of "
+                         f"{args['warmup_steps']}): finish it with --resume {path}, or give the end-of-warmup "
+                         "checkpoint")
     rope = args.get("rope", args.get("use_rope"))
     if rope is None and any(k.startswith("feat_rope.") for k in sd):
         rope = True

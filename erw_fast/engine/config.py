@@ -12,9 +12,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
-from ..method.alignment import ALIGN_KINDS
+from ..data.imagefolder import image_folder_path
+from ..method.alignment import ALIGNMENT_LOSSES
 from ..method.recipes import MODEL_DEFAULTS, get_method, model_defaults  # noqa: F401  (re-exported)
-from ..method.schedules import SCHEDULE_KINDS
+from ..method.schedules import SCHEDULES
 
 # Per dataset: run length and optimisation (the digits values are chosen for a few CPU minutes).
 DATA_DEFAULTS = {
@@ -22,6 +23,12 @@ DATA_DEFAULTS = {
         model="SiT-D/2", warmup_steps=200, steps=700, batch_size=64, lr=1e-3, ema_decay=0.99,
         half_life=400, projector_dim=256, sample_every=0, ckpt_every=0, sample_steps=30,
         sampler="sde", cfg_scale=2.0, guidance_high=1.0, samples_per_class=10, log_every=10,
+    ),
+    # a folder of class-labelled images in pixel space (a few thousand images at 32 px, one GPU)
+    "imagefolder": dict(
+        model="SiT-S/2", warmup_steps=5_000, steps=20_000, batch_size=64, lr=1e-4, ema_decay=0.9995,
+        half_life=4_000, projector_dim=2048, sample_every=2_000, ckpt_every=5_000, sample_steps=50,
+        sampler="sde", cfg_scale=2.0, guidance_high=1.0, samples_per_class=8, log_every=50, resolution=32,
     ),
     # the REPA/ERW ImageNet recipe (256-px SD-VAE latents)
     "latents": dict(
@@ -45,6 +52,9 @@ class TrainConfig:
     encoder_path: Optional[str] = None      # local weights for the target encoder (DINOv2: HF folder or hub repo)
     encoder_source: str = "auto"            # DINOv2 loading route: auto | transformers | hub
     features: str = "online"                # online (run the encoder) | precomputed (extract_features shards)
+    resolution: Optional[int] = None        # image folders: side the images are centre-cropped to (32/64/128)
+    hflip: bool = False                     # image folders: mirror each sample with p = 1/2, seeded per (seed, step, sample)
+    class_names: Optional[Tuple[str, ...]] = None  # set from the data (image folders' sorted sub-folders), not a flag
     out: str = "runs/erw-digits"
     resume: Optional[str] = None           # None, "auto" (latest in out/checkpoints) or a path
     warmup_from: Optional[str] = None      # ERW: skip phase 1, transfer from this warmup checkpoint
@@ -133,7 +143,9 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     names its flag)."""
     c = dataclasses.replace(cfg)
     method = get_method(c.method)
-    data_key = "digits" if c.data == "digits" else "latents"
+    data_key = "digits" if c.data == "digits" else ("imagefolder" if image_folder_path(c.data) else "latents")
+    if data_key != "imagefolder" and (c.resolution is not None or c.hflip):
+        raise ValueError(f"--resolution / --hflip apply to image folders (--data imagefolder:DIR), not --data {c.data}")
     for k, v in DATA_DEFAULTS[data_key].items():
         if getattr(c, k) is None:
             setattr(c, k, v)
@@ -166,12 +178,15 @@ def _flag(name: str) -> str:
 def _check_choices(c: TrainConfig):
     if c.features not in ("online", "precomputed"):
         raise ValueError(f"--features {c.features!r}: use 'online' or 'precomputed'")
-    if c.features == "precomputed" and c.data == "digits":
+    if c.features == "precomputed" and (c.data == "digits" or image_folder_path(c.data)):
         raise ValueError("--features precomputed needs a latent dataset (--data DIR with extract_features output)")
-    if c.lambda_schedule not in SCHEDULE_KINDS:
-        raise ValueError(f"unknown lambda schedule {c.lambda_schedule!r}; choose one of {SCHEDULE_KINDS}")
-    if c.align_loss not in ALIGN_KINDS:
-        raise ValueError(f"unknown alignment loss {c.align_loss!r}; choose one of {ALIGN_KINDS}")
+    if c.encoder.strip().lower() == "none" and get_method(c.method).needs_encoder:
+        raise ValueError(f"--encoder none: --method {c.method} aligns to a target encoder; use --method vanilla, or "
+                         "--encoder dinov2-vit-b --encoder-path DIR (a local DINOv2 folder)")
+    if c.lambda_schedule not in SCHEDULES:  # the registries, so registered additions are accepted
+        raise ValueError(f"unknown lambda schedule {c.lambda_schedule!r}; choose one of {tuple(SCHEDULES)}")
+    if c.align_loss not in ALIGNMENT_LOSSES:
+        raise ValueError(f"unknown alignment loss {c.align_loss!r}; choose one of {tuple(ALIGNMENT_LOSSES)}")
     if c.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {c.precision!r}; choose one of {PRECISIONS}")
 
@@ -204,7 +219,7 @@ def _check_numbers(c: TrainConfig):
     for name in ("warmup_steps", "steps", "sample_every", "ckpt_every", "prefetch"):
         if getattr(c, name) < 0:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(c, name)}")
-    if c.steps == 0 and (c.warmup_steps == 0 or c.warmup_from):
+    if c.steps == 0 and (c.warmup_steps == 0 or c.warmup_from or not get_method(c.method).warmup):
         raise ValueError("nothing to train: --steps 0 (and no warmup steps); give --steps N, or --warmup-steps N "
                          "for a warmup-only ERW run")
     for name in ("batch_size", "log_every", "grad_accum"):

@@ -74,15 +74,17 @@ def load_opt_state(model: nn.Module, opt, opt_state: dict, names: List[str]):
                              options=StateDictOptions(full_state_dict=True))
 
 
-def full_copy(sharded: nn.Module, template: nn.Module) -> nn.Module:
-    """An unsharded copy of ``sharded`` (collective) for rank 0, e.g. the EMA model for sampling; the
-    other ranks get ``template`` as it is (they do not sample)."""
+def full_copy(sharded: nn.Module, factory, device):
+    """An unsharded copy of ``sharded`` (collective) on rank 0, built by ``factory()``, e.g. the EMA
+    model for sampling; None on the other ranks (they do not sample)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if sd:
-        template.load_state_dict(sd)
-    return template
+    if not sd:
+        return None
+    model = factory()
+    model.load_state_dict(sd)
+    return model.to(device).eval()
 
 
 def plain_state_dict(module: nn.Module) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-EVAL_SEED_OFFSET = 2_000_003  # the evaluation noise seed is the run's seed + this
+from ..utils.seeding import EVAL_SEED_OFFSET
 
 
 def _generate(run, model, indices):
@@ -37,6 +37,7 @@ def _gather(arr, labels, indices, world: int, share: bool):
     dist.gather_object((list(indices), arr, labels), parts, dst=0)
     if parts is None:
         return None, None
+    parts = [p for p in parts if len(p[0])]  # ranks with no sample (K < world) send nothing
     order = np.argsort(np.concatenate([np.asarray(p[0]) for p in parts]))
     return np.concatenate([p[1] for p in parts])[order], np.concatenate([p[2] for p in parts])[order]
 
@@ -46,9 +47,9 @@ def _score(run, arr, labels) -> dict:
     from ..metrics import classifier_accuracy, compute_features, feature_stats, frechet_distance, get_feature_network
 
     cfg = run.cfg
-    name = "inception" if run.data.is_latent else "digits"
+    name = "digits" if cfg.data == "digits" else "inception"  # latent data and image folders: --inception
     net = get_feature_network(name, cfg.inception if name == "inception" else None)
-    ref = reference_stats(net, cfg.eval_ref if run.data.is_latent else None)
+    ref = reference_stats(net, cfg.eval_ref if name == "inception" else None)
     out = {"fid": frechet_distance(*feature_stats(compute_features(arr, net)), *ref)}
     if name == "digits":
         out["sample_accuracy"] = classifier_accuracy(arr, labels, net)
@@ -60,7 +61,8 @@ def evaluate_online(run, model, step: int, share: bool = True) -> Optional[dict]
     d, t0 = run.dist, time.time()
     K = run.cfg.eval_samples
     indices = range(d.rank, K, d.world) if share else (range(K) if d.main else range(0))
-    model.eval()
+    if model is not None:  # None: a rank that only takes part in the collectives (FSDP)
+        model.eval()
     arr, labels = _generate(run, model, list(indices)) if len(indices) else (None, None)
     arr, labels = _gather(arr, labels, indices, d.world, share)
     rec = None

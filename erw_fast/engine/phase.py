@@ -49,23 +49,24 @@ class StepFlops:
         return self.unaligned if (self.stop_at is not None and k >= self.stop_at) else self.aligned
 
     def total(self, n: int):
-        if self.aligned is None:
+        if self.stop_at is None:
+            return None if self.aligned is None else self.aligned * n
+        on, off = min(self.stop_at, n), max(n - self.stop_at, 0)
+        if (on and self.aligned is None) or (off and self.unaligned is None):
             return None
-        return sum((self.at(k) or 0) for k in range(n)) if self.stop_at is not None else self.aligned * n
+        return (self.aligned or 0) * on + (self.unaligned or 0) * off
 
 
 def _count_flops(trainer, batches, k, n_steps, world) -> StepFlops:
-    """Counted on the eager objective before DDP; best effort (None if the counter fails)."""
+    """Counted on the eager objective before DDP; best effort (None if the counter fails). With an
+    alignment stop both kinds of step are counted, whatever step the phase (re)starts at."""
     schedule = trainer.objective.schedule if trainer.objective.may_stop_aligning else None
     stop = schedule.first_inactive(n_steps) if schedule is not None else None
-    k0 = k if k < n_steps else 0
     try:
-        on = trainer.count_step_flops(batches.get(k0), k0) * world
+        on = trainer.count_step_flops(batches.get(0), 0) * world if stop != 0 else None
         off = trainer.count_step_flops(batches.get(stop), stop) * world if stop is not None else None
     except Exception:  # pragma: no cover
         return StepFlops(None)
-    if stop is not None and k0 >= stop:
-        on = None  # resumed after the stop: the aligned count is not needed
     return StepFlops(on, off, stop)
 
 

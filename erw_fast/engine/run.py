@@ -18,14 +18,13 @@ from typing import List, Optional
 import torch
 
 from ..method.recipes import PHASE_TRAIN, PHASE_WARMUP, MethodSpec, get_method
-from ..method.schedules import AlignmentSchedule
 from ..method.transfer import transfer_warmup, warmup_mismatches
 from ..models.sit import SiT
 from ..utils.distributed import Dist, barrier, setup_distributed
 from ..utils.progress import RunProgress
 from ..utils.seeding import BatchIndexer
-from .build import build_net, fused_setting, load_encoders, schedule_of, uses_bf16
-from .checkpoint import (read_warmup_source, clear_failed_start, folder_holds_checkpoints, open_resume_checkpoint, remove_stale_temp_files,
+from .build import build_net, fused_setting, load_encoders, uses_bf16
+from .checkpoint import (read_warmup_source, clear_failed_start, set_aside_newer_checkpoints, folder_holds_checkpoints, open_resume_checkpoint, remove_stale_temp_files,
                          resume_config, truncate_metrics)
 from .config import TrainConfig, check_environment, resolve_config
 from .fsdp import plain_state_dict
@@ -71,7 +70,6 @@ class Run:
     bar: RunProgress
     signals: StopSignals
     indexer: BatchIndexer
-    schedule: AlignmentSchedule
     state: RunState
     result: TrainResult
 
@@ -93,8 +91,8 @@ def train(config: TrainConfig) -> TrainResult:
 
 
 def _open_run(config: TrainConfig, d: Dist):
-    """(resolved config, checkpoint or None, its path): resume or a fresh folder, everything checked
-    before anything is written."""
+    """(resolved config, checkpoint or None, its path, the --warmup-from source or None): resume or a
+    fresh folder, everything checked before anything is written."""
     if config.resume:
         path, ckpt = open_resume_checkpoint(config)
         cfg = resolve_config(resume_config(config, ckpt["args"]))
@@ -137,6 +135,10 @@ def _make_folder(cfg: TrainConfig, d: Dist, ckpt: Optional[dict], bar: RunProgre
             bar.message(f"note: removed unfinished checkpoint writes (*.pt.tmp*) in {cfg.out}/checkpoints")
         if ckpt is not None:
             truncate_metrics(cfg.out, int(ckpt["steps"]))
+            moved = set_aside_newer_checkpoints(cfg.out, int(ckpt["steps"]))
+            if moved:
+                bar.message(f"note: resuming from step {ckpt['steps']}: the {len(moved)} newer checkpoint(s) moved to "
+                            f"{os.path.join(cfg.out, 'checkpoints', 'abandoned')}")
         os.makedirs(os.path.join(cfg.out, "checkpoints"), exist_ok=True)
         os.makedirs(os.path.join(cfg.out, "samples"), exist_ok=True)
         with open(os.path.join(cfg.out, "config.json"), "w") as f:
@@ -165,12 +167,15 @@ def _train(config: TrainConfig) -> TrainResult:
     d = setup_distributed(config.device)
     cfg, ckpt, ckpt_path, warm = _open_run(config, d)
     method = get_method(cfg.method)
-    from ..data import load_train_data
+    from ..data import class_names_of, load_train_data
 
     # everything that can be checked is checked before anything is written
-    data = load_train_data(cfg.data, d.device)
+    data = load_train_data(cfg.data, d.device, resolution=cfg.resolution, hflip=cfg.hflip)
+    cfg.class_names = class_names_of(data, cfg.class_names)  # recorded in config.json and the checkpoints
     encoders = load_encoders(cfg, data, d.device)
     full = _fitting_model(cfg, data, encoders, warm) if warm is not None else None
+    if ckpt is not None:
+        _check_resume_weights(cfg, data, encoders, ckpt, ckpt_path)
     bar = RunProgress(enabled=d.main, bar=cfg.progress)
     _make_folder(cfg, d, ckpt, bar)
     if d.device.type == "cuda":
@@ -184,7 +189,7 @@ def _train(config: TrainConfig) -> TrainResult:
                          float(ckpt.get("phase_seconds", 0.0)), resumed_from=ckpt_path)
     run = Run(cfg, method, d, data, encoders, fused_setting(cfg, d.device), uses_bf16(cfg, d.device), log, bar,
               StopSignals(notify=bar.message), BatchIndexer(data.num_samples, cfg.batch_size, cfg.seed, d.rank, d.world),
-              schedule_of(cfg), state,
+              state,
               TrainResult(out=cfg.out, status="finished", steps=0))
     bar.message(_banner(run))
     if cfg.fsdp and d.world == 1:
@@ -203,11 +208,28 @@ def _train(config: TrainConfig) -> TrainResult:
         log.close()
 
 
+def _check_resume_weights(cfg: TrainConfig, data, encoders, ckpt: dict, path: str):
+    """Before anything is written: the checkpoint's weights must fit the model these settings build."""
+    model = build_net(cfg, data, [e.dim for e in encoders], warm=ckpt["phase"] == PHASE_WARMUP)
+    own = model.state_dict()
+    theirs = ckpt["model"]
+    bad = sorted(set(own) ^ set(theirs)) + [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
+    if bad:
+        k = bad[0]
+        what = (f"{k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(own[k].shape)}" if k in own and k in theirs
+                else f"{k} {'missing from the checkpoint' if k in own else 'not in the model'}")
+        raise ValueError(f"--resume {path}: its weights do not fit the model these settings build ({len(bad)} "
+                         f"mismatches; first: {what})")
+
+
 def _fitting_model(cfg: TrainConfig, data, encoders, warm):
     """The full model of a ``--warmup-from`` run, checked against the reused warmup before anything
     is written: every mismatch names both shapes and the flag to change."""
     model = build_net(cfg, data, [e.dim for e in encoders], warm=False)
     problems = warmup_mismatches(warm.state_dict, model)
+    heads = (warm.model_config or {}).get("num_heads")  # not in the shapes: known when our run recorded it
+    if heads is not None and heads != model.num_heads:
+        problems.append(f"attention heads: warmup {heads} vs this run {model.num_heads} (--model)")
     if problems:
         raise ValueError(f"--warmup-from {warm.path} does not fit this run: " + "; ".join(problems))
     return model
@@ -221,7 +243,7 @@ def _run_phases(run: Run, ckpt: Optional[dict], warm=None, full: Optional[SiT] =
         warm_model = build_net(cfg, run.data, z_dims, warm=True)
         status = run_phase(run, PHASE_WARMUP, warm_model, ckpt)
         ckpt = None
-        if status != "finished":
+        if status != "finished" or cfg.steps == 0:  # --steps 0: a warmup-only run ends with its checkpoint
             return status
         state.phase, state.phase_step, state.phase_seconds = PHASE_TRAIN, 0, 0.0
     model = full if full is not None else build_net(cfg, run.data, z_dims, warm=False)

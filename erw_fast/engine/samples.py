@@ -10,7 +10,7 @@ import torch
 
 from ..utils.distributed import barrier
 
-GRID_SEED_OFFSET = 1_000_003  # the grid's sampling seed is the run's seed + this
+from ..utils.seeding import GRID_SEED_OFFSET
 
 
 def sample_and_save(cfg, ema_model, data, device, step: int, amp: bool, main: bool, log, result, world: int):

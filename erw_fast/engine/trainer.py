@@ -34,7 +34,7 @@ def make_optimizer(model: nn.Module, lr: float, device) -> torch.optim.Optimizer
 
 @dataclass
 class StepOutput:
-    """One step's loss terms (device tensors, detached but for ``loss``) and λ (a host float)."""
+    """One step's loss terms and gradient norm (detached device tensors) and λ (a host float)."""
     loss: torch.Tensor
     align: torch.Tensor
     vel: torch.Tensor
@@ -58,7 +58,6 @@ class Trainer:
         self.runner: nn.Module = objective
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.ema_decay, self.grad_clip, self.amp, self.grad_accum = ema_decay, grad_clip, amp, int(grad_accum)
-        self._zero = torch.zeros((), device=self.device)
         self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._step = torch.full((), int(first_step), dtype=torch.long, device=self.device)
         self.inject_nan_at: Optional[int] = None  # testing hook: a NaN loss at this (global) step
@@ -113,12 +112,13 @@ class Trainer:
         return self
 
     def sampling_model(self, template_factory=None):
-        """The EMA model to sample from: itself, or under FSDP a full unsharded copy (collective)."""
+        """The EMA model to sample from: itself, or under FSDP a full unsharded copy for rank 0
+        (collective; the other ranks build nothing and get None)."""
         if not self.fsdp:
             return self.ema_model
         from . import fsdp
 
-        return fsdp.full_copy(self.ema_model, template_factory()).to(self.device).eval()
+        return fsdp.full_copy(self.ema_model, template_factory, self.device)
 
     def use_objective(self, objective: Objective):
         """Swap the objective on the same model (one process; the benchmarks time the step kinds
@@ -193,10 +193,10 @@ class Trainer:
         return self.runner.no_sync()
 
     def clip_gradients(self) -> torch.Tensor:
-        """Clip the gradient norm to ``grad_clip`` (0 = off); returns the norm before clipping."""
-        if self.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip, foreach=True)
-        return self._zero
+        """Clip the gradient norm to ``grad_clip`` (0 = off: the norm is still measured, nothing is
+        scaled); returns the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip if self.grad_clip > 0 else float("inf"),
+                                              foreach=True)
 
     def update_ema(self):
         self.ema.update(self.ema_decay)

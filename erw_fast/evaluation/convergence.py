@@ -347,6 +347,7 @@ def report_paths(cfg: StudyConfig) -> Tuple[str, str]:
 
 
 def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
+    from ..engine.checkpoint import checkpoint_path
     from ..engine.config import TrainConfig, resolve_config
     from ..metrics import digits_reference_stats
 
@@ -380,7 +381,7 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
         folder = train_run(cfg, plan, seed)
         for k in [k for k in plan.eval_steps if (m, seed, k) not in have]:
             t0 = time.time()
-            ev = evaluate_checkpoint(cfg, os.path.join(folder, "checkpoints", f"{k:07d}.pt"), ref_stats)
+            ev = evaluate_checkpoint(cfg, checkpoint_path(folder, k), ref_stats)
             rec = dict(method=m, seed=seed, step=k, fraction=plan.eval_fractions[plan.eval_steps.index(k)],
                        flops=compute_at(flops, plan, k), **ev, eval_seconds=time.time() - t0)
             with open(results_path, "a") as f:

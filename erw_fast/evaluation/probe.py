@@ -67,6 +67,8 @@ def load_probe_model(ckpt, weights: str = "auto") -> Tuple[SiT, dict]:
 
 def held_out_indices(data_name: str, data, num_images: int) -> Tuple[torch.Tensor, str, int]:
     """(indices, description, size of the held-out set) of the probe's images."""
+    if hasattr(data, "probe_indices"):  # image folders: spread over the class-sorted order
+        return data.probe_indices(num_images)
     if data_name == "digits":
         from ..data.digits import split_indices
 
@@ -145,7 +147,7 @@ def probe_checkpoint(ckpt, data: str = "digits", encoder: Optional[str] = None, 
     device = torch.device(device)
     model, info = load_probe_model(ckpt, weights)
     model = model.to(device)
-    train_data = load_train_data(data, device)
+    train_data = load_train_data(data, device, resolution=model.input_size)  # (image folders: the model's side)
     idx, held_out, available = held_out_indices(data, train_data, num_images)
     _check_request(model, train_data, num_images, topk, available)
     enc_name, enc_path = _encoder_choice(data, encoder, encoder_path, info["args"])

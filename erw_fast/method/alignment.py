@@ -44,7 +44,7 @@ def _ntxent(zp_n: torch.Tensor, zt_n: torch.Tensor, temperature: float) -> torch
     return F.cross_entropy(logits.reshape(-1, B), labels.reshape(-1))
 
 
-ALIGN_KINDS = tuple(ALIGNMENT_LOSSES)
+ALIGN_KINDS = tuple(ALIGNMENT_LOSSES)  # the built-in ones; check against ALIGNMENT_LOSSES for additions
 
 
 def _normalize_fp32(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:

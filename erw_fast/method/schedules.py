@@ -52,7 +52,7 @@ def _exp(k, s) -> float:
     return float(s.lambda0 * math.exp(-k / _tau(s)))
 
 
-SCHEDULE_KINDS = ("halflife", "exp", "constant")
+SCHEDULE_KINDS = ("halflife", "exp", "constant")  # the built-in ones; SCHEDULES also has registered additions
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,10 @@ from typing import Dict, List
 
 import torch
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
+from ..models.checkpoint import _BLOCK_KEY as _BLOCK
+from ..models.checkpoint import strip_key as _strip
+
 _TRANSFER_PREFIXES = ("x_embedder.", "t_embedder.", "y_embedder.", "projectors.")
-
-
-def _strip(k: str) -> str:
-    for p in ("module.", "_orig_mod."):
-        while k.startswith(p):
-            k = k[len(p):]
-    return k.replace("._orig_mod.", ".")
 
 
 def warmup_depth(warm_state_dict: Dict[str, torch.Tensor]) -> int:

@@ -174,8 +174,16 @@ def is_warmup_state_dict(sd: dict) -> bool:
     return any(_BLOCK_KEY.match(k) for k in sd) and not any(k.startswith("final_layer.") for k in sd)
 
 
+def strip_key(k: str) -> str:
+    """A parameter name without DDP's ``module.`` and torch.compile's ``_orig_mod.`` (also inside)."""
+    for p in ("module.", "_orig_mod."):
+        while k.startswith(p):
+            k = k[len(p):]
+    return k.replace("._orig_mod.", ".")
+
+
 def _strip_prefixes(state_dict: dict) -> dict:
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    return {strip_key(k): v for k, v in state_dict.items()}
 
 
 def check_erw_rope(model: SiT, sd: dict, where: str = "checkpoint"):

@@ -49,7 +49,7 @@ import torch
 import torch.nn as nn
 
 from ..models import checkpoint as _checkpoint
-from ..models.checkpoint import _args_dict, infer_config, load_state_dict_checked, read_checkpoint
+from ..models.checkpoint import WarmupCheckpointError, load_checkpoint, read_checkpoint
 from ..models.sit import SiT
 from .guidance import ClassifierFreeGuidance, guidance_active
 
@@ -130,11 +130,10 @@ def load_sit_for_export(ckpt_path: str, weights: str = "ema"):
         sd = ckpt
     if not isinstance(sd, dict) or not any(torch.is_tensor(v) for v in sd.values()):
         raise ExportError(f"{ckpt_path} is not a SiT checkpoint: no tensors under {weights!r}")
-    args = _args_dict(ckpt.get("args"))
-    try:
-        cfg = dict(args.get("model_config") or {}) or infer_config(sd, args)
-        model = SiT(**cfg)
-        load_state_dict_checked(model, sd, strict=True)
+    try:  # the one loader (config inference, ERW's RoPE tables, the warmup-checkpoint check)
+        model = load_checkpoint({**ckpt, weights: sd} if weights in ckpt else sd, which=weights)
+    except WarmupCheckpointError as e:
+        raise ExportError(str(e).replace("the checkpoint", ckpt_path)) from e
     except (ValueError, TypeError) as e:
         raise ExportError(f"{ckpt_path} is not a SiT checkpoint: {e}") from e
     steps = ckpt.get("steps")

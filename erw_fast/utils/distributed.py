@@ -47,10 +47,15 @@ def pick_device(pref: str = "auto", local_rank: int = 0, world: int = 1) -> torc
     if not torch.cuda.is_available():
         why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
         raise ValueError(f"--device {pref}: {why} (torch {torch.__version__}); use --device cpu or auto")
-    if world > 1:
+    if world > 1:  # under torchrun each process takes its local rank's GPU (a cuda:N is not used)
         index = local_rank % max(torch.cuda.device_count(), 1)
     else:
-        index = torch.device(pref).index or 0 if pref != "auto" else 0
+        try:
+            index = torch.device(pref).index or 0 if pref != "auto" else 0
+        except RuntimeError:
+            raise ValueError(f"--device {pref!r}: use auto, cpu, cuda or cuda:N") from None
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"--device {pref}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device("cuda", index)
 
 
