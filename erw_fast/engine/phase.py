@@ -1,6 +1,7 @@
 """``run_phase``: one phase of a run (ERW's warmup, or full training) from its current step to its
 end — the step loop around ``Trainer.train_step`` with logging, checkpoints, stop signals, the NaN
-stop and sample grids. Host-device syncs happen only at log / checkpoint / stop points."""
+stop and sample grids. Host-device syncs happen only at log / checkpoint / stop points (and at the
+optional sample-grid, online-evaluation and probe steps)."""
 from __future__ import annotations
 
 import os

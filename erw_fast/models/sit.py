@@ -536,7 +536,7 @@ class SiT(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Registry: REPA's sizes (depth / hidden / heads), plus tiny configs for CPU work.  Architecture
 # only: the alignment block ``encoder_depth`` is a training choice (ERW's per-size recipe lives in
-# erw_fast.engine.config.MODEL_DEFAULTS); registry models get REPA's constructor default (8, clipped
+# erw_fast.method.recipes.MODEL_DEFAULTS); registry models get REPA's constructor default (8, clipped
 # to the model's depth) unless ``encoder_depth=`` is passed.
 # --------------------------------------------------------------------------------------------
 SIZES = {
