@@ -141,8 +141,8 @@ def _output_flags(g, d, t):
                    "holding another run is refused unless --resume")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                    help="continue the run in --out from its latest checkpoint, or from CKPT")
-    g.add_argument("--sample-every", type=int, help="write an EMA sample grid every N steps (0 = only at the end; "
-                   "every run ends with one)")
+    g.add_argument("--sample-every", type=int, help="write an EMA sample grid every N full-training steps (0 = only "
+                   "at the end; every run ends with one)")
     g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (0 = only at the transfer and the end; "
                    "every run ends with one)")
     g.add_argument("--ckpt-at", type=_step_list, default=None, metavar="N,N,...",
@@ -156,15 +156,16 @@ def _output_flags(g, d, t):
     g.add_argument("--sampler", choices=SAMPLERS, help="sampler for the grid (default sde)")
     g.add_argument("--cfg-scale", type=float, help=f"classifier-free guidance scale for the grid "
                    f"(default {d['cfg_scale']} on digits)")
-    g.add_argument("--samples-per-class", type=int, help=f"grid columns (default {d['samples_per_class']})")
-    g.add_argument("--eval-every", type=int, default=0, metavar="N", help="FID of the EMA model every N steps "
-                   "(and classifier accuracy on the digits), logged as `fid` in metrics.jsonl and TensorBoard; its "
+    g.add_argument("--samples-per-class", type=int, help=f"grid columns (default {d['samples_per_class']} on digits, "
+                   "1 on latent data)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N", help="FID of the EMA model every N full-training "
+                   "steps (and classifier accuracy on the digits), logged as `fid` in metrics.jsonl and TensorBoard; its "
                    "time is not counted as training (default 0: off)")
     g.add_argument("--align-probe-every", type=int, default=0, metavar="N", help="CKNNA between the alignment "
                    "block's tokens and the target features on 128 held-out images (t = 0) every N steps, logged as "
                    "`align_probe` (see python -m erw_fast.probe; default 0: off)")
     g.add_argument("--eval-samples", type=int, default=400, metavar="K", help="class-balanced samples per online "
-                   "evaluation, shared by all ranks (default 400)")
+                   "evaluation, shared by all ranks (rank 0 makes them all under --fsdp; default 400)")
     g.add_argument("--eval-batch", type=int, default=100, help="sampling batch of the online evaluation (default 100)")
     g.add_argument("--inception", metavar="FILE", help="latent data: a local TorchScript Inception-v3 for the online FID")
     g.add_argument("--eval-ref", metavar="NPZ", help="latent data: reference statistics for the online FID (ADM's "
