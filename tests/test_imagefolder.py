@@ -19,7 +19,7 @@ CLASSES = ("circle", "square", "triangle")
 PER_CLASS = 12
 SIDE = 40
 TINY = dict(model="SiT-D/4", batch_size=8, projector_dim=64, sample_steps=2, samples_per_class=2, log_every=1, progress=False,
-            lr=1e-3, threads=2)
+            lr=1e-3, threads=1)
 
 
 def _shape(kind: str, rng, side=SIDE, mode="RGB"):
@@ -99,7 +99,7 @@ def test_vanilla_without_encoder_from_the_command_line(tmp_path, shapes, capsys)
     out = tmp_path / "vanilla"
     argv = ["--data", shapes, "--method", "vanilla", "--encoder", "none", "--model", "SiT-D/4", "--steps", "3",
             "--batch-size", "8", "--sample-steps", "2", "--samples-per-class", "2", "--out", str(out),
-            "--no-progress", "--threads", "2"]
+            "--no-progress", "--threads", "1"]
     assert run_cli(train_cli._main, argv) == 0
     assert (out / "samples.png").is_file() and (out / "checkpoints" / "0000003.pt").is_file()
     cfg = json.load(open(out / "config.json"))
@@ -316,7 +316,25 @@ def test_an_encoder_that_is_not_available_offline(tmp_path, shapes, monkeypatch)
              encoder="dinov2-vit-b", encoder_path="nowhere")
 
 
-def test_resume_refuses_changed_classes(shapes):
+def test_resume_keeps_the_folder_settings_and_refuses_changed_classes(tmp_path, shapes):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(shapes, root)
+    out = tmp_path / "run"
+    kw = {**TINY, "method": "vanilla", "encoder": "none", "data": f"imagefolder:{root}", "out": str(out)}
+    assert train(TrainConfig(steps=3, stop_after=1, hflip=True, **kw)).status == "stopped"
+    os.rename(root / "square", root / "box")
+    with pytest.raises(ValueError, match=r"the classes are now \['box', 'circle', 'triangle'\]"):
+        train(TrainConfig(resume="auto", **kw))
+    os.rename(root / "box", root / "square")
+    result = train(TrainConfig(resume="auto", **kw))
+    assert result.status == "finished" and result.steps == 3
+    args = torch.load(result.checkpoint, weights_only=True)["args"]
+    assert args["hflip"] is True and args["resolution"] == 32 and list(args["class_names"]) == list(CLASSES)
+
+
+def test_class_names_of(shapes):
     data = ImageFolderData(shapes)
     assert class_names_of(data) == list(CLASSES) and class_names_of(data, CLASSES) == list(CLASSES)
     with pytest.raises(ValueError, match=r"the classes are now .* but the run was started with"):

@@ -16,9 +16,9 @@ dataset: no ``index.json``, ``shard-*`` files or ``vae-sd/``) reads::
 - Channels: all images of a dataset get one channel count, the majority's: grey files (modes 1, L,
   LA, I, I;16, F) vs colour (everything else); a tie goes to RGB. The minority is converted (RGB →
   L with Pillow's ITU-R 601-2 luma; grey → RGB by repetition) and a note says how many.
-- All images are held in memory on the training device as uint8 (N x C x R x R bytes: 3,000 RGB
-  images at 64 px are 37 MB); a batch is an index into them. Model input: pixels in [-1, 1], like
-  the digits. The target encoder reads uint8 RGB (B, 3, R, R) (grey repeated to three channels),
+- All images are held in host memory as uint8 (N x C x R x R bytes: 3,000 RGB images at 64 px are
+  37 MB); a batch is an index into them, returned on the host (the engine pins it and copies it to
+  the device without a sync, as for the digits). Model input: pixels in [-1, 1], like the digits. The target encoder reads uint8 RGB (B, 3, R, R) (grey repeated to three channels),
   which DINOv2 resizes itself so that its patch grid equals the SiT token grid.
 - ``hflip``: each training sample is mirrored left-right when bit 0 of ``mix_seed(seed,
   STREAM_HFLIP, step, sample id)`` is 1 — the same per-(seed, step, sample index) convention as
@@ -40,14 +40,13 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..utils.seeding import mix_seed
+from ..utils.seeding import STREAM_HFLIP, mix_seed
 from .shards import IMAGE_EXTS
 
 PREFIX = "imagefolder:"
 RESOLUTIONS = (32, 64, 128)
 DEFAULT_RESOLUTION = 32
 MIN_IMAGES_PER_CLASS = 2
-STREAM_HFLIP = 6            # mix_seed stream of the horizontal flip (1-5: erw_fast.utils.seeding)
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 LATENT_MARKERS = ("index.json", "vae-sd")  # what makes a folder a latent dataset (shards.open_latents)
 MAX_LISTED = 5              # bad files named in one error
@@ -259,11 +258,11 @@ class ImageFolderData:
 
     def __init__(self, root: str, device="cpu", resolution: int = DEFAULT_RESOLUTION, hflip: bool = False,
                  workers: Optional[int] = None, verbose: bool = True):
-        images, labels, self.class_names, self.files, self.notes = load_image_folder(root, resolution, workers)
+        """``device``: the training device (accepted as every dataset's is; the batches stay on the host)."""
+        self.images, self.labels, self.class_names, self.files, self.notes = load_image_folder(root, resolution, workers)
         self.root, self.resolution, self.hflip = root, int(resolution), bool(hflip)
         self.device = torch.device(device)
-        self.images, self.labels = images.to(self.device), labels.to(self.device)
-        self.channels = int(images.shape[1])
+        self.channels = int(self.images.shape[1])
         self.input_size = int(resolution)
         self.num_classes = len(self.class_names)
         if verbose and self.notes and int(os.environ.get("RANK", "0")) == 0:
@@ -279,19 +278,19 @@ class ImageFolderData:
 
     def uint8(self, idx, seed: int = 0, step: int = 0, sample_ids: Optional[Sequence[int]] = None) -> torch.Tensor:
         """uint8 (B, C, R, R) images ``idx``, mirrored per ``flip_mask`` when ``hflip`` is on."""
-        u = self.images[idx]
+        u = self.images[idx.cpu() if torch.is_tensor(idx) else idx]
         if self.hflip and sample_ids is not None and len(u):
-            mask = torch.tensor(flip_mask(seed, step, sample_ids), device=u.device)
+            mask = torch.tensor(flip_mask(seed, step, sample_ids))
             u = torch.where(mask[:, None, None, None], u.flip(-1), u)
         return u
 
     def batch(self, idx, seed: int, step: int, sample_ids: Sequence[int], with_pixels: bool = True):
         """``(pixels in [-1, 1] (B, C, R, R) float32, labels, encoder images uint8 (B, 3, R, R) or None)``
-        on the data's device; the flip (``hflip``) is drawn per (seed, step, sample id)."""
+        on the host; the flip (``hflip``) is drawn per (seed, step, sample id)."""
         u = self.uint8(idx, seed, step, sample_ids)
         x = u.float() / 127.5 - 1.0
         pixels = (u.expand(-1, 3, -1, -1) if self.channels == 1 else u).contiguous() if with_pixels else None
-        return x, self.labels[idx], pixels
+        return x, self.labels[idx.cpu() if torch.is_tensor(idx) else idx], pixels
 
     def sample_classes(self, max_rows: int = 16) -> Optional[List[int]]:
         """None (every class) when there are at most ``max_rows`` classes, else ``max_rows`` spread evenly."""
@@ -315,7 +314,7 @@ class ImageFolderData:
 
     def reference_images(self) -> np.ndarray:
         """All images as uint8 (N, R, R, C), the ``arr_0`` layout of a FID reference (no flip)."""
-        return self.images.permute(0, 2, 3, 1).cpu().numpy()
+        return self.images.permute(0, 2, 3, 1).numpy()
 
 
 def write_reference_npz(folder: str, out: str, resolution: int = DEFAULT_RESOLUTION) -> int:
@@ -326,6 +325,6 @@ def write_reference_npz(folder: str, out: str, resolution: int = DEFAULT_RESOLUT
     data = ImageFolderData(root, "cpu", resolution=resolution)
     d = os.path.dirname(os.path.abspath(out))
     os.makedirs(d, exist_ok=True)
-    np.savez(out, arr_0=data.reference_images(), labels=data.labels.cpu().numpy(),
+    np.savez(out, arr_0=data.reference_images(), labels=data.labels.numpy(),
              class_names=np.array(data.class_names))
     return data.num_samples

@@ -24,6 +24,7 @@ _GOLDEN = 0x9E3779B97F4A7C15
 # streams of mix_seed (the second value after the run's seed)
 STREAM_DATA, STREAM_WARMUP, STREAM_TRAIN, STREAM_INIT = 1, 2, 3, 4
 STREAM_POSTERIOR = 5        # latent posterior ε
+STREAM_HFLIP = 6            # image folders: the horizontal flip
 # sampling during training: the run's seed + these offsets seed the sample grid and the online evaluation
 GRID_SEED_OFFSET = 1_000_003
 EVAL_SEED_OFFSET = 2_000_003
