@@ -14,3 +14,33 @@ if os.environ.get("TRITON_INTERPRET") is None:
         _has_cuda = False
     if not _has_cuda:
         os.environ["TRITON_INTERPRET"] = "1"
+
+
+# --------------------------------------------------------------------------------------------
+# shared fixtures
+# --------------------------------------------------------------------------------------------
+import socket  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_dir(tmp_path_factory):
+    """A random-weight DINOv2 saved as a local transformers folder (nothing is downloaded)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                    patch_size=14, image_size=28)
+    d = tmp_path_factory.mktemp("dinov2")
+    transformers.Dinov2Model(cfg).eval().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture
+def free_port():
+    """A free TCP port on the loopback, for a gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,6 +1,5 @@
 """Two gloo processes on CPU end with the same weights as one process with the same global batch."""
 import os
-import socket
 
 import pytest
 import torch
@@ -9,12 +8,6 @@ import torch.multiprocessing as mp
 from erw_fast.engine import TrainConfig, train
 
 pytestmark = pytest.mark.filterwarnings("ignore:decoder_hidden_size")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(out, **kw):
@@ -37,7 +30,7 @@ def _worker(rank, world, port, out, kw=None):
 
 
 @pytest.mark.parametrize("kw", [{}, {"grad_accum": 2, "align_until": 1}], ids=["plain", "accum+align-stop"])
-def test_two_gloo_processes_match_one(tmp_path, kw):
+def test_two_gloo_processes_match_one(tmp_path, free_port, kw):
     """Also with gradient accumulation (DDP syncs only on the last micro-batch) and an alignment stop
     (the projectors get no gradient after it: DDP must not wait for them)."""
     one = str(tmp_path / "one")
@@ -50,7 +43,7 @@ def test_two_gloo_processes_match_one(tmp_path, kw):
         torch.set_num_threads(threads)
     if kw.get("align_until") is not None:  # the reference must stop aligning too
         ref = train(_config(str(tmp_path / "one-stop"), align_until=kw["align_until"]))
-    mp.spawn(_worker, args=(2, _free_port(), two, kw), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port, two, kw), nprocs=2, join=True)
     a = torch.load(ref.checkpoint, map_location="cpu", weights_only=True)
     b = torch.load(os.path.join(two, "checkpoints", os.path.basename(ref.checkpoint)), map_location="cpu",
                    weights_only=True)

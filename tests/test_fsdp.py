@@ -2,7 +2,6 @@
 global batch, same per-sample draws), resume exactly, and write full REPA-layout checkpoints that
 resume without FSDP too."""
 import os
-import socket
 
 import pytest
 import torch
@@ -11,12 +10,6 @@ import torch.multiprocessing as mp
 from erw_fast.engine import TrainConfig, train
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(out, **kw):
@@ -44,7 +37,7 @@ def _load(out, step):
     return torch.load(os.path.join(out, "checkpoints", f"{step:07d}.pt"), map_location="cpu", weights_only=True)
 
 
-def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path):
+def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, free_port):
     one, full, part = (str(tmp_path / n) for n in ("one", "fsdp", "fsdp-resumed"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -55,7 +48,7 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path):
     runs = [dict(out=full, fsdp=True, grad_accum=2),
             dict(out=part, fsdp=True, grad_accum=2, stop_after=3),   # stops in phase 2, checkpoint at 3
             dict(out=part, fsdp=True, grad_accum=2, resume="auto")]
-    mp.spawn(_worker, args=(2, _free_port(), runs), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port, runs), nprocs=2, join=True)
     a, b, c = _load(one, 5), _load(full, 5), _load(part, 5)
     assert a["opt"]["param_groups"][0]["params"] == b["opt"]["param_groups"][0]["params"]  # index-keyed, as AdamW
     for k in a["model"]:

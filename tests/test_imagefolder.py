@@ -53,18 +53,6 @@ def shapes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_dinov2_dir(tmp_path_factory):
-    """A random-weight DINOv2 saved as a local transformers folder (as tests/test_real_scale.py)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                    patch_size=14, image_size=28)
-    d = tmp_path_factory.mktemp("dinov2")
-    transformers.Dinov2Model(cfg).eval().save_pretrained(d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
 def erw_run(tmp_path_factory, shapes, tiny_dinov2_dir):
     out = tmp_path_factory.mktemp("runs") / "erw"
     cfg = TrainConfig(method="erw", data=f"imagefolder:{shapes}", encoder="dinov2-vit-b", encoder_path=tiny_dinov2_dir,

@@ -87,3 +87,13 @@ def test_no_function_longer_than_a_screen():
                 if n > MAX_FUNCTION_LINES:
                     long.append(f"{name}.{node.name}: {n} lines")
     assert not long, long
+
+
+def test_the_train_command_line_module_is_not_shadowed():
+    """``from erw_fast import train`` is the CLI module in a fresh interpreter (no lazy export takes its name)."""
+    import subprocess
+    import sys
+
+    code = "from erw_fast import train; import erw_fast; print(hasattr(train, 'main'), erw_fast.TrainConfig.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "TrainConfig"]

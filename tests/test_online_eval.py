@@ -3,7 +3,6 @@ events; the samples are shared between ranks (the same images as one process); t
 is not counted as training time."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -52,12 +51,6 @@ def test_bad_eval_settings(tmp_path):
         train(_config(str(tmp_path / "y"), data=str(tmp_path)))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -71,10 +64,10 @@ def _worker(rank, world, port, out):
             dist.destroy_process_group()
 
 
-def test_two_ranks_share_the_samples_and_agree_with_one(tmp_path):
+def test_two_ranks_share_the_samples_and_agree_with_one(tmp_path, free_port):
     one = train(_config(str(tmp_path / "one"), threads=1))
     two = str(tmp_path / "two")
-    mp.spawn(_worker, args=(2, _free_port(), two), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port, two), nprocs=2, join=True)
     a = [e["fid"] for e in _events(one.out) if e.get("event") == "eval"]
     b = [e["fid"] for e in _events(two) if e.get("event") == "eval"]
     assert len(a) == len(b) == 2

@@ -38,16 +38,6 @@ CLASSES = ("cat", "dog", "fox")
 # fixtures: tiny models and a handful of generated images
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_dinov2_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                                    patch_size=14, image_size=28)
-    d = tmp_path_factory.mktemp("dinov2")
-    transformers.Dinov2Model(cfg).eval().save_pretrained(d)
-    return str(d)
-
-
-@pytest.fixture(scope="module")
 def tiny_vae_dir(tmp_path_factory):
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
