@@ -1,32 +1,35 @@
-"""The convergence study: vanilla SiT vs REPA vs ERW at equal training compute, on the embedded default.
+"""The convergence study: vanilla SiT, REPA and ERW at equal training compute, at the ERW paper's proportions.
 
-    python -m erw_fast.convergence                   # about 25 min on 2 CPU cores; report in runs/convergence/
-    python -m erw_fast.convergence --methods erw-nowarmup    # add the control (about 8 min)
-    python -m erw_fast.convergence --update-docs     # write the repository's docs/convergence.md and plot
-    python -m erw_fast.convergence --out runs/quick --seeds 0 --points 3 --budget-steps 300   # a quicker look
+    python -m erw_fast.convergence --update-docs   # the study (about 50 min on 2 CPU cores) → docs/convergence.md
+    python -m erw_fast.convergence --seeds 3,4,5   # more seeds into the same folder (the report covers all)
+    python -m erw_fast.convergence --plan          # the plan only: steps, evaluation points, FLOPs
+    python -m erw_fast.convergence --quick         # a smoke test of the whole study (about a minute)
 
-Every method trains the same model (the digits default, ``SiT-D/2``) on the same data with the same
-optimiser settings and the same **training compute**, counted in FLOPs with
-``torch.utils.flop_counter`` exactly as the trainer counts them (forward + backward + the frozen
-target encoder, per step). The budget is ``--budget-steps`` REPA steps. Vanilla steps are cheaper
-(no encoder, no projector), so vanilla gets more of them; ERW spends part of the budget on its
-warmup (blocks 0..L-1 only) and the rest on full steps. Wall-clock seconds are measured and
-reported beside the FLOPs. The control ``erw-nowarmup`` (ERW's decaying λ, no warmup) separates the
-warmup from the λ schedule.
+The preset keeps the proportions of ERW's SiT-XL/2 setting on the embedded digits: SiT-D8/2
+(8 blocks, 64 wide), ERW's warmup region 1 block (XL: 4 of 28), alignment at block 4 of 8 (XL: 14 of
+28), a projector twice the width (XL: 2048 for 1152) and the target features extracted once before
+training (the digits have no augmentation), so an ERW warmup step costs 18% of a full step (the
+paper: 19%).
 
-Each run is checkpointed at ``--points`` equal fractions of the budget (ERW only at the fractions
-that fall after its warmup). Each checkpoint's EMA model draws the same ``--num-samples`` samples
-(per-index seeds, classes balanced, no guidance by default), and the study reports FID against all
-1,797 embedded digits in the feature space of the project's independent digits classifier (not
-the target encoder, though both learned from the same labels) and the fraction of samples that classifier reads
-as the requested digit.
+Every arm trains the same model on the same data with the same optimiser and the same training
+compute, counted in FLOPs with ``torch.utils.flop_counter`` exactly as the trainer counts them: the
+budget is --budget-steps REPA steps plus the one-off feature extraction, which every arm that aligns
+pays and vanilla spends on training. The arms: vanilla; REPA; REPA with the alignment stopped at
+--stop-fraction of the budget; ERW with its warmup taking each of --warmup-fractions of the budget;
+ERW at --stop-warmup with the alignment stop; and the control erw-nowarmup (ERW's decaying λ without
+the warmup). Wall-clock seconds are measured beside the FLOPs.
 
-Outputs: ``--out`` holds the runs, ``results.jsonl`` (one line per evaluated checkpoint; a rerun
-skips what is there and resumes unfinished runs) and ``study.json``; ``--doc`` (default
-``<out>/convergence.md``; ``docs/convergence.md`` with ``--update-docs``) gets the markdown report
-(tables, the compute ratios with their seed spread, the command) and ``--plot`` (default
-``<out>/convergence.png``) the PNG of FID and accuracy against training compute. Text between
-``<!-- notes:start -->`` and ``<!-- notes:end -->`` in an existing doc is kept when the doc is rewritten.
+Each run is checkpointed at --points equal shares of the budget (ERW only after its warmup); each
+checkpoint's EMA model draws the same --num-samples samples (per-index seeds, balanced classes), scored
+by FID against all 1,797 digits in the feature space of the project's digits classifier and by the
+share of samples that classifier reads as the requested digit.
+
+Outputs: --out holds one folder per run (<arm>-seed<seed>: checkpoints, metrics.jsonl, train.log,
+evals.jsonl), results.jsonl, study.json, settings.json (a rerun with other settings is refused) and
+commands.json; --doc (default <out>/convergence.md; docs/convergence.md with --update-docs) gets the
+report and --plot the PNG. Text between <!-- notes:start --> and <!-- notes:end --> in an existing
+doc is kept. Rerunning resumes: finished runs and evaluations are kept, an unfinished run continues
+from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -34,13 +37,13 @@ import argparse
 import sys
 from typing import List, Optional, Tuple
 
-from .evaluation.convergence import ALL_METHODS, StudyConfig, run_study
+from .study import run_study, study_config
+from .study.config import QUICK, StudyConfig
 from .utils.cli import add_debug_flag, run_cli
 
 __all__ = ["build_parser", "main"]
 
 
-# --------------------------------------------------------------------------------------------
 def _ints(text: str) -> Tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
@@ -48,12 +51,37 @@ def _ints(text: str) -> Tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _methods(text: str) -> Tuple[str, ...]:
-    ms = tuple(v.strip() for v in text.split(",") if v.strip())
-    bad = [v for v in ms if v not in ALL_METHODS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from {','.join(ALL_METHODS)}")
-    return tuple(m for m in ALL_METHODS if m in ms)
+def _shares(text: str) -> Tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated shares such as 0.05,0.1, got {text!r}") from None
+
+
+def _names(text: str) -> Tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _run_group(p: argparse.ArgumentParser, d: StudyConfig):
+    g = p.add_argument_group("the runs (changing one needs another --out)")
+    g.add_argument("--model", help=f"SiT size (default {d.model})")
+    g.add_argument("--projector-dim", type=int, help=f"projector width (default {d.projector_dim})")
+    g.add_argument("--features", choices=("online", "precomputed"),
+                   help=f"target features: extracted once before training, counted (default {d.features}), or the "
+                   "encoder run every step")
+    g.add_argument("--budget-steps", type=int, help=f"compute budget per arm, in REPA steps (default {d.budget_steps}; "
+                   f"--quick {QUICK['budget_steps']})")
+    g.add_argument("--points", type=int, help=f"evaluations per run (default {d.points})")
+    g.add_argument("--warmup-fractions", type=_shares, help="ERW arms: share of the budget spent in the warmup "
+                   f"(default {','.join(f'{v:g}' for v in d.warmup_fractions)})")
+    g.add_argument("--stop-fraction", type=float, help="the -stop arms: the alignment ends once this share of the "
+                   f"budget is spent (default {d.stop_fraction:g})")
+    g.add_argument("--stop-warmup", type=float, help=f"warmup share of the ERW arm with the stop (default {d.stop_warmup:g})")
+    g.add_argument("--num-samples", type=int, help=f"samples per evaluation (default {d.num_samples})")
+    g.add_argument("--sampler", choices=("sde", "ode-euler", "ode-heun"), help=f"default {d.sampler}")
+    g.add_argument("--sample-steps", type=int, help=f"sampler steps (default {d.sample_steps})")
+    g.add_argument("--cfg-scale", type=float, help="guidance scale for evaluation (default 1: none)")
+    g.add_argument("--eval-seed", type=int, help="seed of the evaluation noise (shared by all runs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,28 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m erw_fast.convergence", description=__doc__.split("\n\n")[0],
                                 epilog="\n\n".join(__doc__.split("\n\n")[2:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=d.out, help=f"folder for the runs and results.jsonl (default {d.out}); "
-                   "rerunning resumes")
-    p.add_argument("--doc", default=None, help="markdown report to write (default <out>/convergence.md; '' = none)")
-    p.add_argument("--plot", default=None, help="PNG plot to write (default <out>/convergence.png; '' = none)")
+    p.add_argument("--quick", action="store_true", help="the smoke-test preset: one seed, a budget of "
+                   f"{QUICK['budget_steps']} steps, {QUICK['num_samples']} samples (out {QUICK['out']})")
+    p.add_argument("--out", help=f"folder for the runs (default {d.out}); rerunning resumes")
+    p.add_argument("--doc", help="markdown report to write (default <out>/convergence.md; '' = none)")
+    p.add_argument("--plot", help="PNG plot to write (default <out>/convergence.png; '' = none)")
     p.add_argument("--update-docs", action="store_true", help="write the report to the repository's "
                    "docs/convergence.md and docs/images/convergence.png (unless --doc/--plot are given)")
-    p.add_argument("--methods", type=_methods, default=d.methods, help="comma-separated subset of vanilla,repa,erw,erw-nowarmup "
-                   "(default vanilla,repa,erw; erw-nowarmup is the control: ERW's decaying λ without the warmup). "
-                   "The report covers every method evaluated in --out, so a control can be added by a later call")
-    p.add_argument("--seeds", type=_ints, default=d.seeds, help="comma-separated training seeds (default 0,1,2)")
-    p.add_argument("--budget-steps", type=int, default=d.budget_steps, help="compute budget per run, in REPA steps "
-                   f"(default {d.budget_steps})")
-    p.add_argument("--points", type=int, default=d.points, help=f"evaluations per run (default {d.points})")
-    p.add_argument("--warmup-steps", type=int, default=None, help="ERW warmup steps (default: the trainer's)")
-    p.add_argument("--model", default=None, help="SiT size (default: the digits default, SiT-D/2)")
-    p.add_argument("--num-samples", type=int, default=d.num_samples, help=f"samples per evaluation (default {d.num_samples})")
-    p.add_argument("--sampler", default=d.sampler, choices=("sde", "ode-euler", "ode-heun"))
-    p.add_argument("--sample-steps", type=int, default=d.sample_steps, help=f"sampler steps (default {d.sample_steps})")
-    p.add_argument("--cfg-scale", type=float, default=d.cfg_scale, help="guidance scale for evaluation (default 1: none)")
-    p.add_argument("--eval-seed", type=int, default=d.eval_seed, help="seed of the evaluation noise (shared by all runs)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no training progress bars")
+    p.add_argument("--arms", type=_names, help="comma-separated subset of the arms to run now (default all: vanilla, "
+                   "repa, repa-stop, erw-w05, erw-w10, erw-w20, erw-w40, erw-w10-stop, erw-nowarmup); the report "
+                   "covers every arm evaluated in --out")
+    p.add_argument("--seeds", type=_ints, help="comma-separated training seeds (default 0,1,2)")
+    p.add_argument("--plan", dest="plan_only", action="store_true", help="print the plan (FLOPs per step, every "
+                   "arm's steps and evaluation points) and stop; nothing is written")
+    _run_group(p, d)
+    m = p.add_argument_group("the machine")
+    m.add_argument("--jobs", type=int, help=f"runs trained at once, in worker processes (default {d.jobs})")
+    m.add_argument("--threads", type=int, help="CPU threads per run (default: cores // jobs)")
     add_debug_flag(p)
     return p
 
@@ -91,9 +114,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
     """Run the study; errors are raised (``python -m`` turns them into one ``error:`` line, see
     :func:`erw_fast.utils.cli.run_cli`). The report lists ``argv`` (without ``--debug``) as the command."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = build_parser().parse_args(argv)
-    cfg = StudyConfig(**{k: v for k, v in vars(a).items() if k in StudyConfig.__dataclass_fields__})
-    return run_study(cfg, [v for v in argv if v != "--debug"])
+    a = vars(build_parser().parse_args(argv))
+    a.pop("debug", None)
+    quick = a.pop("quick")
+    flags = {k: v for k, v in a.items() if v is not None and v is not False}
+    return run_study(study_config(quick=quick, **flags), [v for v in argv if v != "--debug"])
 
 
 if __name__ == "__main__":

@@ -133,7 +133,8 @@ def _data_and_target_encoder_flags(g, d, t):
                    "the batches are identical either way)")
     g.add_argument("--features", default="online", choices=("online", "precomputed"),
                    help="target features: run the encoder each step (default), or read the fp16 shards written by "
-                   "`python -m erw_fast.extract_features` (skips the encoder and the image reads)")
+                   "`python -m erw_fast.extract_features` (skips the encoder and the image reads); on the digits, "
+                   "extracted once in memory at the start (logged as the 'features' event)")
 
 def _output_flags(g, d, t):
     """The "output" flags."""

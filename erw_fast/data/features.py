@@ -105,6 +105,47 @@ class PrecomputedEncoder(TargetEncoder):
         raise RuntimeError(f"{self.name}: features are precomputed; call .features(dataset indices)")
 
 
+class FeatureTable:
+    """Target features of every sample, extracted once at the start of a run and held in memory (for
+    data whose encoder input never changes: the digits have no augmentation). Reads like a
+    ``FeatureStore``; ``extraction`` records the one-off cost (FLOPs as the trainer counts them, seconds)."""
+
+    def __init__(self, name: str, table: torch.Tensor, token_grid: int, flops: float, seconds: float):
+        self.name, self.table, self.token_grid = name, table, int(token_grid)
+        self.dim, self.count = int(table.shape[-1]), int(table.shape[0])
+        self.extraction = dict(encoder=name, images=self.count, flops=float(flops), seconds=float(seconds))
+
+    def __len__(self):
+        return self.count
+
+    def get(self, idx) -> torch.Tensor:
+        return self.table[torch.as_tensor(idx, dtype=torch.long).cpu().reshape(-1)]
+
+
+def extract_in_memory(encoder: TargetEncoder, data, batch_size: int = 256) -> PrecomputedEncoder:
+    """Run ``encoder`` once over every sample of ``data`` (its ``batch`` pixels, which must not depend on
+    the seed or step) and stand in for it with the features held in memory."""
+    import time
+
+    from ..utils.flops import count_flops
+
+    n, dev = data.num_samples, next(iter(encoder.parameters()), torch.empty(0)).device
+    parts: List[torch.Tensor] = []
+
+    def run():
+        for s in range(0, n, batch_size):
+            idx = torch.arange(s, min(s + batch_size, n))
+            pixels = data.batch(idx, 0, 0, idx.tolist())[2]
+            parts.append(encoder(pixels.to(dev)).float().cpu())
+
+    t0 = time.perf_counter()
+    flops = count_flops(run)
+    table = torch.cat(parts)
+    if not torch.isfinite(table).all():
+        raise ValueError(f"target encoder {encoder.name!r} produced non-finite features")
+    return PrecomputedEncoder(FeatureTable(encoder.name, table, encoder.token_grid, flops, time.perf_counter() - t0))
+
+
 def precomputed_encoders(data_root: str, spec: str, expected_count: Optional[int] = None) -> List[PrecomputedEncoder]:
     """One ``PrecomputedEncoder`` per comma-separated encoder name of ``spec``."""
     names = [s.strip() for s in spec.split(",") if s.strip()]

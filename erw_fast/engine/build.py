@@ -27,7 +27,7 @@ def load_encoders(cfg: TrainConfig, data, device) -> List:
     from ..encoders.dinov2 import EncoderWeightsError
 
     patch = int(cfg.model.rsplit("/", 1)[1])
-    if cfg.features == "precomputed":
+    if cfg.features == "precomputed" and data.is_latent:
         from ..data.features import precomputed_encoders
 
         encoders = precomputed_encoders(cfg.data, cfg.encoder, expected_count=data.num_samples)
@@ -46,8 +46,17 @@ def load_encoders(cfg: TrainConfig, data, device) -> List:
                         for i, n in enumerate(names)]
         except EncoderWeightsError as e:  # offline without local weights: name the flag, in one line
             raise ValueError(f"--encoder {cfg.encoder}: {e}; or train without one: --method vanilla --encoder none") from e
+    if cfg.features == "precomputed" and not data.is_latent:  # fixed pixels (the digits): extract once, in memory
+        from ..data.features import extract_in_memory
+
+        encoders = [extract_in_memory(e, data) for e in encoders]
     check_token_grid(encoders, (data.input_size // patch) ** 2, f"model {cfg.model}")
     return encoders
+
+
+def feature_extraction(encoders: List) -> List[dict]:
+    """The one-off cost of features extracted in memory at the start of a run (empty otherwise)."""
+    return [e.store.extraction for e in encoders if getattr(getattr(e, "store", None), "extraction", None)]
 
 
 def build_net(cfg: TrainConfig, data, z_dims: List[int], warm: bool) -> SiT:
@@ -91,7 +100,8 @@ def phase_trainer(cfg: TrainConfig, phase: str, model: SiT, encoders: List, devi
 
 def measure_step_flops(config: TrainConfig) -> Dict[str, float]:
     """FLOPs of one step of each phase of ``config``'s method (forward + backward + target encoder,
-    counted as a run counts them), without training or writing anything: ``{"warmup": .., "train": ..}``."""
+    counted as a run counts them), without training or writing anything: ``{"warmup": .., "train": ..}``,
+    plus ``"features"`` (the one-off extraction) when the digits' target features are precomputed."""
     cfg = resolve_config(config)
     device = pick_device(cfg.device)
     from ..data import load_train_data
@@ -107,4 +117,7 @@ def measure_step_flops(config: TrainConfig) -> Dict[str, float]:
                               cfg.seed, cfg.class_dropout, 0, device)
         out[phase] = trainer.count_step_flops(batches.get(0), 0)
         batches.close()
+    extracted = feature_extraction(encoders)
+    if extracted:  # the one-off extraction of --features precomputed on the digits
+        out["features"] = sum(e["flops"] for e in extracted)
     return out

@@ -51,7 +51,8 @@ class TrainConfig:
     encoder: str = "digits-cnn"            # on latent data "digits-cnn" becomes dinov2-vit-b
     encoder_path: Optional[str] = None      # local weights for the target encoder (DINOv2: HF folder or hub repo)
     encoder_source: str = "auto"            # DINOv2 loading route: auto | transformers | hub
-    features: str = "online"                # online (run the encoder) | precomputed (extract_features shards)
+    features: str = "online"                # online (run the encoder) | precomputed (extract_features shards;
+                                            # the digits: extracted once in memory at the start)
     resolution: Optional[int] = None        # image folders: side the images are centre-cropped to (32/64/128)
     hflip: bool = False                     # image folders: mirror each sample with p = 1/2, seeded per (seed, step, sample)
     class_names: Optional[Tuple[str, ...]] = None  # set from the data (image folders' sorted sub-folders), not a flag
@@ -178,8 +179,9 @@ def _flag(name: str) -> str:
 def _check_choices(c: TrainConfig):
     if c.features not in ("online", "precomputed"):
         raise ValueError(f"--features {c.features!r}: use 'online' or 'precomputed'")
-    if c.features == "precomputed" and (c.data == "digits" or image_folder_path(c.data)):
-        raise ValueError("--features precomputed needs a latent dataset (--data DIR with extract_features output)")
+    if c.features == "precomputed" and image_folder_path(c.data):
+        raise ValueError("--features precomputed needs a latent dataset (--data DIR with extract_features output) "
+                         "or the digits (extracted once in memory); image folders run the encoder online")
     if c.encoder.strip().lower() == "none" and get_method(c.method).needs_encoder:
         raise ValueError(f"--encoder none: --method {c.method} aligns to a target encoder; use --method vanilla, or "
                          "--encoder dinov2-vit-b --encoder-path DIR (a local DINOv2 folder)")

@@ -23,7 +23,7 @@ from ..models.sit import SiT
 from ..utils.distributed import Dist, barrier, setup_distributed
 from ..utils.progress import RunProgress
 from ..utils.seeding import BatchIndexer
-from .build import build_net, fused_setting, load_encoders, uses_bf16
+from .build import build_net, feature_extraction, fused_setting, load_encoders, uses_bf16
 from .checkpoint import (read_warmup_source, clear_failed_start, set_aside_newer_checkpoints, folder_holds_checkpoints, open_resume_checkpoint, remove_stale_temp_files,
                          resume_config, truncate_metrics)
 from .config import TrainConfig, check_environment, resolve_config
@@ -192,6 +192,9 @@ def _train(config: TrainConfig) -> TrainResult:
               state,
               TrainResult(out=cfg.out, status="finished", steps=0))
     bar.message(_banner(run))
+    for cost in feature_extraction(encoders):  # --features precomputed on the digits: the one-off extraction
+        log.write({"event": "features", **cost})
+        run.result.summary.setdefault("features_cost", []).append(cost)
     if cfg.fsdp and d.world == 1:
         bar.message("note: --fsdp with one process has nothing to shard; training unsharded")
     t0 = time.time()

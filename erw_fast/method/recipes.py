@@ -51,10 +51,12 @@ def get_method(name: str) -> MethodSpec:
 
 
 # Per model size: ERW's warmup region (l2r depth), the alignment block, λ0. XL/L/B follow the ERW/REPA
-# releases (XL: L=4, alignment at block 14, λ0 6; L: 8, 3; B/S: 4, 1); D/T are this project's CPU sizes.
+# releases (XL: L=4, alignment at block 14, λ0 6; L: 8, 3; B/S: 4, 1); D/T are this project's CPU sizes;
+# D8 keeps XL's proportions on the digits (warmup region 1 of 8 blocks ≈ XL's 4 of 28, alignment at half depth).
 MODEL_DEFAULTS = {
     "D": dict(l2r_depth=2, encoder_depth=2, lambda0=1.0),
     "T": dict(l2r_depth=2, encoder_depth=3, lambda0=1.0),
+    "D8": dict(l2r_depth=1, encoder_depth=4, lambda0=1.0),
     "S": dict(l2r_depth=4, encoder_depth=4, lambda0=1.0),
     "B": dict(l2r_depth=4, encoder_depth=4, lambda0=1.0),
     "L": dict(l2r_depth=4, encoder_depth=8, lambda0=3.0),

@@ -542,6 +542,7 @@ class SiT(nn.Module):
 SIZES = {
     "D": dict(depth=4, hidden_size=96, num_heads=2),   # ours: the digits default on CPU
     "T": dict(depth=6, hidden_size=192, num_heads=3),  # ours: tiny, for CPU work
+    "D8": dict(depth=8, hidden_size=64, num_heads=2),  # ours: the convergence study at the paper's proportions
     "S": dict(depth=12, hidden_size=384, num_heads=6),
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),

@@ -1,0 +1,164 @@
+"""The convergence study behind ``python -m erw_fast.convergence``: vanilla SiT, REPA and ERW (a sweep
+of warmup lengths, the alignment stop, the no-warmup control) at equal training compute, warmup and
+feature extraction counted, at the proportions of the ERW paper's SiT-XL/2 setting.
+
+``config`` (settings, presets, arms), ``plan`` (equal-compute step counts, evaluation points, curve
+arithmetic), ``execute`` (FLOP probe, training and evaluating the runs, ``jobs`` at a time), ``report``
+(markdown + plot). See ``erw_fast/convergence.py`` for what the command does and writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import time
+from dataclasses import asdict, replace
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .config import Arm, StudyConfig, check_config, selected_arms, study_arms, study_config, study_settings
+from .execute import (Job, StudyError, collect_results, cores, data_floor, final_losses, probe_flops, run_dir,
+                      run_jobs, say, seeds_in, threads_per_run)
+from .plan import RunPlan, compute_at, compute_ratios, crossing, plan_runs
+
+__all__ = ["Arm", "RunPlan", "StudyConfig", "StudyError", "compute_at", "compute_ratios", "crossing", "plan_runs",
+           "run_study", "study_arms", "study_config"]
+
+DOCS_DOC, DOCS_PLOT = "docs/convergence.md", "docs/images/convergence.png"
+
+
+def report_paths(cfg: StudyConfig) -> Tuple[str, str]:
+    """(doc, plot): given paths win; else the repository's docs with ``update_docs``; else in ``out``."""
+    doc = cfg.doc if cfg.doc is not None else (DOCS_DOC if cfg.update_docs else os.path.join(cfg.out, "convergence.md"))
+    plot = cfg.plot if cfg.plot is not None else (DOCS_PLOT if cfg.update_docs else
+                                                  os.path.join(cfg.out, "convergence.png"))
+    return doc, plot
+
+
+def check_settings(out: str, settings: dict):
+    """Write ``out/settings.json`` on the first run; refuse a rerun whose settings differ."""
+    path = os.path.join(out, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:
+            what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise ValueError(f"{out} holds a study made with other settings ({what}); its runs and FIDs cannot be "
+                             "mixed with these. Use another --out (and --doc/--plot), or the same settings")
+    else:
+        os.makedirs(out, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(settings, f, indent=1)
+
+
+def describe_arms(cfg: StudyConfig, arms: List[Arm]) -> Dict[str, dict]:
+    """Per arm: label, recipe, warmup share, stop, and how its λ is weighted (the trainer's defaults)."""
+    from ..engine.config import TrainConfig, resolve_config
+
+    out = {}
+    for a in arms:
+        c = resolve_config(TrainConfig(method=a.method, model=cfg.model))
+        if a.method == "vanilla":
+            lam = "none"
+        elif c.lambda_schedule == "halflife":
+            lam = f"{c.lambda0:g}·2^(−k/{c.half_life:g})"
+        else:
+            lam = f"{c.lambda_schedule} {c.lambda0:g}"
+        if a.stop is not None:
+            lam += f", 0 from {a.stop * 100:g}% of the budget"
+        out[a.name] = dict(label=a.label, method=a.method, warmup=a.warmup, stop=a.stop, lam=lam)
+    return out
+
+
+def print_plan(flops: Dict[str, float], budget: float, plans: Dict[str, RunPlan]):
+    say(f"FLOPs per step: full {flops['full'] / 1e9:.2f} G, warmup {flops['warmup'] / 1e9:.2f} G "
+        f"({flops['warmup'] / flops['full'] * 100:.0f}% of full), vanilla {flops['vanilla'] / 1e9:.2f} G, after the "
+        f"stop {flops['unaligned'] / 1e9:.2f} G; feature extraction {flops.get('features', 0) / 1e9:.2f} G once; "
+        f"budget {budget / 1e12:.2f} TFLOP per arm")
+    for name, p in plans.items():
+        stop = f", alignment until phase-2 step {p.align_until}" if p.align_until is not None else ""
+        say(f"  {name:16s} {p.warmup_steps:5d} warmup + {p.steps:4d} full steps{stop}; evaluated at {p.eval_steps}")
+
+
+def _log_invocation(out: str, command: str, minutes: float, trained: int) -> List[dict]:
+    """Append this call to ``out/invocations.jsonl`` (command, wall minutes, runs it trained); returns all."""
+    path = os.path.join(out, "invocations.jsonl")
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(command=command, date=time.strftime("%Y-%m-%d"), minutes=minutes, trained=trained))
+                + "\n")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _study_record(cfg, flops, budget, plans, results, seeds, t_start, argv, trained: int) -> dict:
+    from ..engine.config import TrainConfig, resolve_config
+    from ..models.sit import SIZES
+
+    arms = study_arms(cfg)
+    present = [a.name for a in arms if any(r["arm"] == a.name for r in results)]
+    tc = resolve_config(TrainConfig(method="erw", model=cfg.model))
+    size = SIZES[cfg.model.removeprefix("SiT-").split("/")[0]]
+    command = " ".join(["python -m erw_fast.convergence"] + [shlex.quote(a) for a in (argv or [])])
+    finals = [r for r in results if r["step"] == plans[r["arm"]].total_steps]
+    return dict(
+        config=asdict(cfg), settings=study_settings(cfg), flops=flops, budget=budget,
+        plans={n: asdict(p) for n, p in plans.items()}, arms=describe_arms(cfg, arms),
+        order=present, present=present, seeds=seeds,
+        main_arms=[a.name for a in arms if a.name in present and not (a.method == "erw" and a.stop is None
+                                                                          and a.warmup != cfg.stop_warmup)],
+        sweep=[a.name for a in arms if a.method == "erw" and a.stop is None],
+        l2r_depth=tc.l2r_depth, encoder_depth=tc.encoder_depth,
+        model_desc=f"{size['depth']} blocks, {size['hidden_size']} wide, {size['num_heads']} heads",
+        floor=data_floor(cfg), losses={n: {str(s): final_losses(run_dir(cfg, n, s)) for s in seeds} for n in present},
+        minutes=(time.time() - t_start) / 60, train_minutes=sum(r["seconds"] for r in finals) / 60,
+        eval_minutes=sum(r.get("eval_seconds", 0.0) for r in results) / 60,
+        invocations=_log_invocation(cfg.out, command, (time.time() - t_start) / 60, trained), jobs=cfg.jobs,
+        threads=threads_per_run(cfg),
+        machine=dict(cpu=platform.processor() or platform.machine(), cores=cores(), torch=torch.__version__,
+                     python=platform.python_version()))
+
+
+def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
+    """Plan, train and evaluate every selected arm and seed (resuming what ``out`` holds), then write
+    ``results.jsonl``, ``study.json``, the report and the plot. ``plan_only``: print the plan, write nothing."""
+    from .report import write_doc, write_plot
+
+    check_config(cfg)
+    cfg = replace(cfg, doc=report_paths(cfg)[0], plot=report_paths(cfg)[1])
+    if cfg.plot and not cfg.plan_only:
+        _require_matplotlib()
+    t_start = time.time()
+    say("convergence study: counting FLOPs per step ...")
+    flops = probe_flops(cfg)
+    budget, plans = plan_runs(flops, cfg.budget_steps, cfg.points, study_arms(cfg))
+    print_plan(flops, budget, plans)
+    if cfg.plan_only:
+        return dict(flops=flops, budget=budget, plans=plans)
+    check_settings(cfg.out, study_settings(cfg))
+    jobs = [Job(a, plans[a.name], s) for s in cfg.seeds for a in selected_arms(cfg)]
+    trained = sum(not os.path.exists(os.path.join(run_dir(cfg, j.arm.name, j.seed), "done.json")) for j in jobs)
+    run_jobs(cfg, jobs, flops)
+    seeds = seeds_in(cfg)
+    results = collect_results(cfg, plans, seeds)
+    with open(os.path.join(cfg.out, "results.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in results)
+    study = _study_record(cfg, flops, budget, plans, results, seeds, t_start, argv, trained)
+    with open(os.path.join(cfg.out, "study.json"), "w") as f:
+        json.dump(study, f, indent=1)
+    if cfg.plot:
+        write_plot(cfg.plot, results, study)
+    if cfg.doc:
+        write_doc(cfg.doc, results, study)
+    say(f"convergence study done in {(time.time() - t_start) / 60:.1f} min: {cfg.doc or '-'}, {cfg.plot or '-'}")
+    return dict(study=study, results=results)
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("the convergence plot needs matplotlib: pip install -e '.[study]' (or pass --plot '' to skip "
+                         "the plot)") from None

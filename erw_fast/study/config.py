@@ -1,0 +1,151 @@
+"""The study's settings (one dataclass), its two presets and its arms.
+
+The ``paper`` preset keeps the proportions of ERW's SiT-XL/2 setting on the embedded digits:
+``SiT-D8/2`` (8 blocks, 64 wide), warmup region L = 1 block (XL: 4 of 28), alignment at block 4 of
+8 (XL: 14 of 28), a projector twice the width (XL: 2048 for 1152) and the target features extracted
+once (the digits have no augmentation), so that a warmup step costs 18% of a full step as the FLOP
+counter counts it (the paper: 42.2K of 224.8K GFLOPs, 19%). ``quick`` is the same study shrunk to
+a smoke test (every arm trains, is evaluated and reported in about a minute).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Dict, List, Optional, Tuple
+
+
+@dataclass
+class StudyConfig:
+    out: str = "runs/convergence"
+    doc: Optional[str] = None        # None: <out>/convergence.md ('' = none)
+    plot: Optional[str] = None       # None: <out>/convergence.png ('' = none)
+    update_docs: bool = False        # write the repository's docs/convergence.md and its plot instead
+    arms: Optional[Tuple[str, ...]] = None   # None: every arm of the settings below
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    # the runs
+    model: str = "SiT-D8/2"
+    projector_dim: int = 128
+    features: str = "precomputed"    # the digits' target features: extracted once (counted) or online
+    budget_steps: int = 400          # the compute budget per arm, in REPA steps (+ the feature extraction)
+    points: int = 4                  # evaluations at budget * i / points, i = 1..points
+    warmup_fractions: Tuple[float, ...] = (0.05, 0.10, 0.20, 0.40)   # ERW: share of the budget in the warmup
+    stop_fraction: float = 0.5       # the -stop arms: the alignment ends once this share of the budget is spent
+    stop_warmup: float = 0.10        # the warmup share of the ERW arm with the alignment stop
+    # the evaluation
+    num_samples: int = 400
+    sampler: str = "sde"
+    sample_steps: int = 25
+    cfg_scale: float = 1.0
+    eval_seed: int = 12345
+    eval_batch: int = 100
+    # the machine
+    jobs: int = 2                    # runs trained at once (each with cores // jobs threads)
+    threads: Optional[int] = None    # CPU threads per run (None: cores // jobs)
+    progress: bool = True
+    quick: bool = False
+    plan_only: bool = False          # print the plan (steps, evaluation points, FLOPs) and stop
+
+
+# A smoke test of the whole pipeline: every arm trains, is evaluated, and the report is written.
+QUICK = dict(out="runs/convergence-quick", seeds=(0,), budget_steps=8, points=2, num_samples=20, sample_steps=2,
+             eval_batch=20)
+
+
+def study_config(quick: bool = False, **given) -> StudyConfig:
+    """The preset (``paper``, or ``quick``) with the given fields on top (None = the preset's)."""
+    base = StudyConfig(**(QUICK if quick else {}), quick=quick)
+    known = {f.name for f in fields(StudyConfig)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise TypeError(f"unknown study settings {unknown}")
+    return replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+# --------------------------------------------------------------------------------------------
+# Arms
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Arm:
+    """One way to spend the budget: the trainer's recipe, ERW's warmup share, and where the
+    alignment stops (a share of the budget; None = never)."""
+    name: str
+    method: str
+    warmup: float = 0.0
+    stop: Optional[float] = None
+
+    @property
+    def aligns(self) -> bool:
+        return self.method != "vanilla"
+
+    @property
+    def label(self) -> str:
+        stop = f", alignment stops at {self.stop * 100:g}%" if self.stop is not None else ""
+        if self.method == "vanilla":
+            return "SiT (vanilla)"
+        if self.method == "repa":
+            return "REPA" + stop
+        if self.method == "erw-nowarmup":
+            return "ERW λ, no warmup (control)" + stop
+        return f"ERW, warmup {self.warmup * 100:g}%" + stop
+
+
+def _pct(f: float) -> str:
+    return f"{round(f * 100):02d}"
+
+
+def study_arms(cfg: StudyConfig) -> List[Arm]:
+    """Every arm of ``cfg``, in report order: vanilla, REPA (+ stop), the ERW warmup sweep, ERW at
+    ``stop_warmup`` with the stop, and the control (ERW's λ without the warmup)."""
+    s = cfg.stop_fraction
+    arms = [Arm("vanilla", "vanilla"), Arm("repa", "repa"), Arm("repa-stop", "repa", stop=s)]
+    arms += [Arm(f"erw-w{_pct(f)}", "erw", warmup=f) for f in cfg.warmup_fractions]
+    arms += [Arm(f"erw-w{_pct(cfg.stop_warmup)}-stop", "erw", warmup=cfg.stop_warmup, stop=s),
+             Arm("erw-nowarmup", "erw-nowarmup")]
+    return arms
+
+
+def selected_arms(cfg: StudyConfig) -> List[Arm]:
+    """The arms to run now (``--arms``), checked; the report covers every arm evaluated in ``out``."""
+    arms = study_arms(cfg)
+    if cfg.arms is None:
+        return arms
+    names = [a.name for a in arms]
+    bad = [a for a in cfg.arms if a not in names]
+    if bad:
+        raise ValueError(f"--arms: unknown arm(s) {', '.join(bad)}; this study has {', '.join(names)}")
+    return [a for a in arms if a.name in cfg.arms]
+
+
+def check_config(cfg: StudyConfig):
+    """Every setting checked before anything is written; each error names its flag."""
+    if cfg.budget_steps < 1 or cfg.points < 1:
+        raise ValueError(f"--budget-steps and --points must be >= 1, got {cfg.budget_steps} and {cfg.points}")
+    if not cfg.seeds:
+        raise ValueError("--seeds: give at least one seed")
+    if cfg.num_samples < 2:
+        raise ValueError(f"--num-samples must be >= 2 for FID, got {cfg.num_samples}")
+    if cfg.jobs < 1 or (cfg.threads is not None and cfg.threads < 1):
+        raise ValueError(f"--jobs and --threads must be >= 1, got {cfg.jobs} and {cfg.threads}")
+    fr = list(cfg.warmup_fractions) + [cfg.stop_warmup]
+    if any(not 0 < f < 1 for f in fr) or len(set(cfg.warmup_fractions)) != len(cfg.warmup_fractions):
+        raise ValueError(f"--warmup-fractions / --stop-warmup must be distinct shares in (0, 1), got {fr}")
+    if not 0 < cfg.stop_fraction < 1:
+        raise ValueError(f"--stop-fraction must lie in (0, 1), got {cfg.stop_fraction}")
+    if cfg.stop_warmup >= cfg.stop_fraction:
+        raise ValueError(f"--stop-warmup {cfg.stop_warmup:g} must be below --stop-fraction {cfg.stop_fraction:g}: "
+                         "the alignment cannot stop inside the warmup")
+    if cfg.features not in ("online", "precomputed"):
+        raise ValueError(f"--features {cfg.features!r}: use 'online' or 'precomputed'")
+    selected_arms(cfg)
+
+
+def study_settings(cfg: StudyConfig) -> Dict:
+    """What the runs and evaluations in ``cfg.out`` depend on (a rerun in the same folder must match)."""
+    keep = ("model", "projector_dim", "features", "budget_steps", "points", "warmup_fractions", "stop_fraction",
+            "stop_warmup", "num_samples", "sampler", "sample_steps", "cfg_scale", "eval_seed")
+    d = {k: getattr(cfg, k) for k in keep}
+    d["warmup_fractions"] = list(d["warmup_fractions"])
+    return d
+
+
+__all__ = ["Arm", "QUICK", "StudyConfig", "check_config", "selected_arms", "study_arms", "study_config",
+           "study_settings"]

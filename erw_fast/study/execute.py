@@ -1,0 +1,286 @@
+"""Running the study: the FLOP probe, one arm's run (train, then evaluate its checkpoints), and the
+runs of all arms and seeds, ``jobs`` at a time in worker processes.
+
+Everything is resumable: a run folder with ``done.json`` is not trained again (an unfinished one is
+resumed from its last checkpoint), and each evaluation is appended to the run's ``evals.jsonl`` as
+soon as it is made, so a rerun evaluates only what is missing. A run's training output goes to its
+``train.log``; the console gets one line per run and per evaluation.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .config import Arm, StudyConfig
+from .plan import RunPlan, compute_at, mean_std
+
+
+class StudyError(RuntimeError):
+    """A study run that did not finish (the command line reports it in one line)."""
+
+
+def say(msg: str):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_run(cfg: StudyConfig) -> int:
+    return cfg.threads or max(1, cores() // cfg.jobs)
+
+
+def run_dir(cfg: StudyConfig, arm: str, seed: int) -> str:
+    return os.path.join(cfg.out, f"{arm}-seed{seed}")
+
+
+def read_jsonl(path: str) -> List[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# --------------------------------------------------------------------------------------------
+# The runs' settings and their FLOPs
+# --------------------------------------------------------------------------------------------
+def train_config(cfg: StudyConfig, method: str, **kw):
+    """The trainer's settings of a study run (every arm: the same model, data, optimiser)."""
+    from ..engine import TrainConfig
+
+    return TrainConfig(method=method, model=cfg.model, projector_dim=cfg.projector_dim,
+                       features=cfg.features if method != "vanilla" else "online", **kw)
+
+
+def probe_flops(cfg: StudyConfig) -> Dict[str, float]:
+    """FLOPs per step of each kind (see ``plan``), counted as the trainer counts them, without training."""
+    from ..engine.build import measure_step_flops
+
+    erw = measure_step_flops(train_config(cfg, "erw", warmup_steps=1))
+    vanilla = measure_step_flops(train_config(cfg, "vanilla"))
+    stopped = measure_step_flops(train_config(cfg, "repa", align_until=0))
+    return {"vanilla": float(vanilla["train"]), "full": float(erw["train"]), "warmup": float(erw["warmup"]),
+            "unaligned": float(stopped["train"]), "features": float(erw.get("features", 0.0))}
+
+
+# --------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------
+def train_run(cfg: StudyConfig, plan: RunPlan, seed: int, threads: int) -> str:
+    """Train one run (or resume an unfinished one); its output goes to ``<run>/train.log``."""
+    from ..engine import train
+    from ..engine.checkpoint import folder_holds_run
+    from ..models.checkpoint import list_checkpoints
+
+    out = run_dir(cfg, plan.arm, seed)
+    done = os.path.join(out, "done.json")
+    if os.path.exists(done):
+        return out
+    resume = bool(list_checkpoints(out))
+    if not resume and folder_holds_run(out):  # killed before its first checkpoint: start it over
+        shutil.rmtree(out)
+    os.makedirs(out, exist_ok=True)
+    tc = train_config(cfg, plan.method, out=out, seed=seed, steps=plan.steps, align_until=plan.align_until,
+                      warmup_steps=plan.warmup_steps if plan.method == "erw" else None,
+                      ckpt_at=tuple(plan.eval_steps), samples_per_class=1, threads=threads, progress=False,
+                      resume="auto" if resume else None)
+    t0 = time.time()
+    with open(os.path.join(out, "train.log"), "a") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        res = train(tc)
+    if res.status != "finished":
+        raise StudyError(f"{out}: training ended with status {res.status!r} (see {out}/train.log); run the same "
+                         "command again to resume it (finished runs and evaluations are kept)")
+    with open(done, "w") as f:
+        json.dump({"summary": res.summary, "steps": res.steps, "wall_seconds": time.time() - t0, "threads": threads},
+                  f, default=str)
+    return out
+
+
+def extraction_seconds(folder: str) -> float:
+    """Seconds of the run's one-off feature extraction (its first ``features`` event; 0 without one)."""
+    ev = [r for r in read_jsonl(os.path.join(folder, "metrics.jsonl")) if r.get("event") == "features"]
+    return float(sum(r["seconds"] for r in ev[:1]))
+
+
+def evaluate_checkpoint(cfg: StudyConfig, path: str, ref_stats, extra_seconds: float = 0.0) -> dict:
+    """FID and classifier accuracy of the checkpoint's EMA model; ``seconds``: its training wall clock
+    (extraction and warmup included)."""
+    from ..engine.checkpoint import read_training_checkpoint
+    from ..metrics import classifier_accuracy, compute_features, feature_stats, frechet_distance, get_feature_network
+    from ..models.checkpoint import load_checkpoint
+    from ..sampling.generate import generate
+
+    ckpt = read_training_checkpoint(path)
+    model = load_checkpoint(ckpt, which="ema").eval()
+    shape = (model.in_channels, model.input_size, model.input_size)
+    arr, labels = generate(model, range(cfg.num_samples), shape, list(range(model.num_classes)), seed=cfg.eval_seed,
+                           sampler=cfg.sampler, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
+                           batch_size=cfg.eval_batch)
+    net = get_feature_network("digits")
+    mu, sigma = feature_stats(compute_features(arr, net))
+    wc = ckpt.get("warmup_cost") or {}
+    seconds = float(ckpt.get("phase_seconds", 0.0)) + extra_seconds + \
+        (float(wc.get("seconds", 0.0)) if ckpt["phase"] == "train" else 0.0)
+    return dict(fid=frechet_distance(mu, sigma, *ref_stats), accuracy=classifier_accuracy(arr, labels, net),
+                seconds=seconds)
+
+
+def evaluate_run(cfg: StudyConfig, plan: RunPlan, seed: int, flops: Dict[str, float], folder: str) -> List[dict]:
+    """Evaluate the run's planned checkpoints that ``<run>/evals.jsonl`` does not hold yet; returns all."""
+    from ..engine.checkpoint import checkpoint_path
+    from ..metrics import digits_reference_stats
+
+    path = os.path.join(folder, "evals.jsonl")
+    have = {r["step"]: r for r in read_jsonl(path)}
+    todo = [k for k in plan.eval_steps if k not in have]
+    if todo:
+        ref, extra = digits_reference_stats(), extraction_seconds(folder)
+    for k in todo:
+        t0 = time.time()
+        ev = evaluate_checkpoint(cfg, checkpoint_path(folder, k), ref, extra)
+        rec = dict(arm=plan.arm, seed=seed, step=k, fraction=plan.eval_fractions[plan.eval_steps.index(k)],
+                   flops=compute_at(flops, plan, k), **ev, eval_seconds=time.time() - t0)
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        have[k] = rec
+        say(f"    {plan.arm} seed {seed} at {rec['fraction'] * 100:.0f}% of the budget (step {k}): FID {ev['fid']:.2f}, "
+            f"accuracy {ev['accuracy'] * 100:.1f}% ({rec['eval_seconds']:.0f} s to evaluate)")
+    return [have[k] for k in plan.eval_steps]
+
+
+def run_arm(cfg: StudyConfig, plan: RunPlan, seed: int, flops: Dict[str, float], threads: int) -> dict:
+    """Train and evaluate one (arm, seed) with ``threads`` CPU threads (a worker process's entry)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        t0 = time.time()
+        folder = train_run(cfg, plan, seed, threads)
+        t1 = time.time()
+        records = evaluate_run(cfg, plan, seed, flops, folder)
+        return dict(arm=plan.arm, seed=seed, records=records, train_wall=t1 - t0, eval_wall=time.time() - t1)
+    finally:
+        torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# All runs
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    arm: Arm
+    plan: RunPlan
+    seed: int
+
+
+def _finished_line(i: int, n: int, job: Job, out: dict, t_start: float) -> str:
+    recs = out["records"]
+    fid = " → ".join(f"{r['fid']:.2f}" for r in recs)
+    el = (time.time() - t_start) / 60
+    return (f"[{i}/{n}] {job.arm.name} seed {job.seed} done: trained in {out['train_wall']:.0f} s, evaluated in "
+            f"{out['eval_wall']:.0f} s; FID {fid} ({el:.1f} min so far, ~{el / i * (n - i):.1f} min left)")
+
+
+def run_jobs(cfg: StudyConfig, jobs: Sequence[Job], flops: Dict[str, float]) -> None:
+    """Every job, ``cfg.jobs`` at a time (worker processes; 1 = in this process). A failed run stops
+    the study with its arm, seed and folder named; finished runs and evaluations are kept."""
+    threads, n, t_start = threads_per_run(cfg), len(jobs), time.time()
+    say(f"convergence study: {n} runs, {min(cfg.jobs, max(n, 1))} at a time, {threads} CPU thread(s) each; "
+        f"training logs in {cfg.out}/<arm>-seed<seed>/train.log")
+    if cfg.jobs == 1 or n <= 1:
+        for i, job in enumerate(jobs, 1):
+            say(f"[{i}/{n}] {job.arm.name} seed {job.seed}: {job.plan.warmup_steps} warmup + {job.plan.steps} steps")
+            say(_finished_line(i, n, job, run_arm(cfg, job.plan, job.seed, flops, threads), t_start))
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
+    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx) as pool:
+        pending = {pool.submit(run_arm, cfg, j.plan, j.seed, flops, threads): j for j in jobs}
+        done_count = 0
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    job = pending.pop(fut)
+                    try:
+                        out = fut.result()
+                    except Exception as e:
+                        raise StudyError(f"{job.arm.name} seed {job.seed} failed ({type(e).__name__}: {e}); see "
+                                         f"{run_dir(cfg, job.arm.name, job.seed)}/train.log. Rerun the same command "
+                                         "to resume (finished runs and evaluations are kept)") from e
+                    done_count += 1
+                    say(_finished_line(done_count, n, job, out, t_start))
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+
+
+def collect_results(cfg: StudyConfig, plans: Dict[str, RunPlan], seeds: Sequence[int]) -> List[dict]:
+    """Every planned evaluation found in ``out`` (all arms, all seeds evaluated there), in order."""
+    out = []
+    for name, plan in plans.items():
+        for s in seeds:
+            recs = {r["step"]: r for r in read_jsonl(os.path.join(run_dir(cfg, name, s), "evals.jsonl"))}
+            out += [recs[k] for k in plan.eval_steps if k in recs]
+    return out
+
+
+def seeds_in(cfg: StudyConfig) -> List[int]:
+    """The seeds that have run folders in ``out`` (a later call may add seeds)."""
+    seeds = set()
+    if os.path.isdir(cfg.out):
+        for name in os.listdir(cfg.out):
+            head, sep, tail = name.rpartition("-seed")
+            if sep and tail.isdigit():
+                seeds.add(int(tail))
+    return sorted(seeds)
+
+
+def data_floor(cfg: StudyConfig, repeats: int = 3) -> Tuple[float, float]:
+    """FID of ``num_samples`` real digits (random subsets) against the reference: the best a model can
+    score with this many samples."""
+    from ..data.digits import load_digits
+    from ..metrics import (compute_features, digits_reference_stats, feature_stats, frechet_distance,
+                           get_feature_network)
+    from ..utils.images import to_uint8
+
+    images, _ = load_digits()
+    net, ref = get_feature_network("digits"), digits_reference_stats()
+    g = np.random.default_rng(cfg.eval_seed)
+    vals = []
+    for _ in range(repeats):
+        idx = g.choice(len(images), size=min(cfg.num_samples, len(images)), replace=False)
+        arr = to_uint8(images[torch.as_tensor(idx)]).transpose(0, 2, 3, 1)
+        vals.append(frechet_distance(*feature_stats(compute_features(arr, net)), *ref))
+    return mean_std(vals)
+
+
+def final_losses(folder: str, tail: float = 0.1) -> dict:
+    """Mean velocity and alignment loss over the last ``tail`` of the full-training log records."""
+    recs = [r for r in read_jsonl(os.path.join(folder, "metrics.jsonl")) if r.get("phase") == "train" and "loss" in r]
+    if not recs:
+        return {}
+    recs = recs[-max(1, int(len(recs) * tail)):]
+    return dict(velocity=float(np.mean([r["loss_velocity"] for r in recs])),
+                align=float(np.mean([r["loss_align"] for r in recs])))
+
+
+def run_seconds(folder: str) -> Optional[float]:
+    """The run's wall clock as ``done.json`` recorded it (training only)."""
+    path = os.path.join(folder, "done.json")
+    return json.load(open(path)).get("wall_seconds") if os.path.exists(path) else None

@@ -1,0 +1,265 @@
+"""The study's report: the markdown (generated tables; the hand-written notes between
+``<!-- notes:start -->`` and ``<!-- notes:end -->`` are kept when it is rewritten) and the PNG plot."""
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Sequence
+
+import numpy as np
+
+from .plan import compute_ratios, curve, format_ratio, mean_std
+
+NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
+
+
+def arm_style(name: str, warmup: float) -> dict:
+    """Colour and line of an arm in the plots (the ERW sweep darker with a longer warmup)."""
+    if name.startswith("erw-w"):
+        import matplotlib
+
+        shade = matplotlib.colormaps["Reds"](0.35 + 0.6 * min(1.0, warmup / 0.4))
+        return dict(color=shade, ls="--" if name.endswith("-stop") else "-")
+    base = {"vanilla": "#7f7f7f", "repa": "#1f77b4", "repa-stop": "#1f77b4", "erw-nowarmup": "#ff7f0e"}
+    return dict(color=base.get(name, "#2ca02c"), ls="--" if name.endswith("-stop") else "-")
+
+
+def _pm(vals: Sequence[float], fmt: str = "{:.2f}") -> str:
+    m, s = mean_std(vals)
+    return (fmt.format(m) + " ± " + fmt.format(s)) if len(vals) > 1 else fmt.format(m)
+
+
+def _keep_notes(path: str) -> str:
+    if path and os.path.exists(path):
+        text = open(path, encoding="utf-8").read()
+        if NOTES_START in text and NOTES_END in text:
+            return text[text.index(NOTES_START):text.index(NOTES_END) + len(NOTES_END)]
+    return f"{NOTES_START}\n_(no notes yet)_\n{NOTES_END}"
+
+
+def finals(results: List[dict], arm: str, seeds: Sequence[int]) -> List[dict]:
+    """The last evaluation of ``arm`` in each seed that has one."""
+    return [c[-1] for c in (curve(results, arm, s) for s in seeds) if c]
+
+
+# --------------------------------------------------------------------------------------------
+# Plot
+# --------------------------------------------------------------------------------------------
+def _curve_panel(ax, results, study, names, key, scale):
+    arms = study["arms"]
+    for name in names:
+        groups: Dict[float, List[dict]] = {}
+        for r in results:
+            if r["arm"] == name:
+                groups.setdefault(round(r["fraction"], 6), []).append(r)
+        if not groups:
+            continue
+        groups = dict(sorted(groups.items()))
+        x = np.array([np.mean([r["flops"] for r in g]) for g in groups.values()]) / 1e12
+        vals = [np.array([r[key] for r in g]) * scale for g in groups.values()]
+        st = arm_style(name, arms[name]["warmup"])
+        ax.plot(x, [v.mean() for v in vals], marker="o", ms=3.5, label=arms[name]["label"], **st)
+        if max(len(v) for v in vals) > 1:
+            ax.fill_between(x, [v.min() for v in vals], [v.max() for v in vals], color=st["color"], alpha=0.12, lw=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_xlabel("training compute (TFLOP; extraction and warmup included)")
+
+
+def _sweep_panel(ax, results, study):
+    sweep = study["sweep"]
+    seeds = study["seeds"]
+    xs, means, lo, hi = [], [], [], []
+    for name in sweep:
+        f = [r["fid"] for r in finals(results, name, seeds)]
+        if f:
+            xs.append(study["arms"][name]["warmup"] * 100)
+            means.append(np.mean(f))
+            lo.append(np.mean(f) - min(f))
+            hi.append(max(f) - np.mean(f))
+    if xs:
+        ax.errorbar(xs, means, yerr=[lo, hi], marker="o", color="#d62728", capsize=3, label="ERW final FID (min–max)")
+    for ref, st in (("repa", dict(color="#1f77b4")), ("vanilla", dict(color="#7f7f7f"))):
+        f = [r["fid"] for r in finals(results, ref, seeds)]
+        if f:
+            ax.axhline(np.mean(f), ls=":", label=f"{study['arms'][ref]['label']} final FID", **st)
+    ax.set(xlabel="ERW warmup share of the budget (%)", ylabel="final FID", title="warmup sweep at equal compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def write_plot(path: str, results: List[dict], study: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), dpi=100)
+    main, sweep = study["main_arms"], study["sweep"]
+    _curve_panel(axes[0, 0], results, study, main, "fid", 1.0)
+    axes[0, 0].set(ylabel="FID (digits features)", title="FID vs compute (lower is better)", yscale="log")
+    _curve_panel(axes[0, 1], results, study, ["vanilla", "repa"] + list(sweep), "fid", 1.0)
+    axes[0, 1].set(ylabel="FID (digits features)", title="ERW's warmup share", yscale="log")
+    _curve_panel(axes[1, 0], results, study, main, "accuracy", 100.0)
+    axes[1, 0].set(ylabel="classifier accuracy (%)", title="samples read as the requested digit")
+    _sweep_panel(axes[1, 1], results, study)
+    for ax in (axes[0, 0], axes[0, 1]):
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    s = study["settings"]
+    fig.suptitle(f"{s['model']}, budget {s['budget_steps']} REPA steps + extraction; mean over seeds "
+                 f"{', '.join(map(str, study['seeds']))} (band/bars = min–max)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------
+def _head(study: dict) -> List[str]:
+    m, inv = study["machine"], study["invocations"]
+    cmds = list(dict.fromkeys(i["command"] for i in inv))
+    runs = "; ".join(f"{i['date']}: {i['minutes']:.1f} min, {i['trained']} run(s) trained" for i in inv if i["trained"])
+    return ["# Convergence at the paper's proportions: vanilla SiT, REPA and ERW at equal compute\n",
+            "Written by `python -m erw_fast.convergence` (the numbers, tables and plot); the notes section is "
+            "written by hand and kept when the study is rerun. The commands that produced this folder's runs:\n",
+            "```bash\n" + "\n".join(cmds) + "\n```\n",
+            f"Wall clock of the calls that trained runs: {runs or 'none'}. Training took {study['train_minutes']:.1f} "
+            f"min and evaluation {study['eval_minutes']:.1f} min, summed over runs; {study['jobs']} run(s) at a time "
+            f"with {study['threads']} CPU thread(s) each on {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
+            f"Python {m['python']}. A rerun skips finished runs and evaluations.\n"]
+
+
+def _setup(study: dict) -> List[str]:
+    s, f, budget = study["settings"], study["flops"], study["budget"]
+    per = lambda v: f"{v / 1e9:.2f} GFLOP"  # noqa: E731
+    L = ["## Setup\n",
+         f"- Model `{s['model']}` ({study['model_desc']}), warmup region L = {study['l2r_depth']} block(s), "
+         f"alignment at block {study['encoder_depth']}, projector width {s['projector_dim']}; the same data (1,797 "
+         "embedded digits, 16×16), batch, lr, EMA and seeds for every arm.",
+         f"- FLOPs per step, counted as the trainer counts them: full REPA/ERW step {per(f['full'])}, ERW warmup step "
+         f"{per(f['warmup'])} (**{f['warmup'] / f['full'] * 100:.0f}%** of a full step; the paper: 42.2K of 224.8K "
+         f"GFLOPs, 19%), vanilla step {per(f['vanilla'])}, a step after the alignment stopped {per(f['unaligned'])}.",
+         f"- Target features: {s['features']}" + (f"; the one-off extraction ({per(f['features'])}) is charged to every "
+                                                   "arm that aligns" if f.get("features") else "") + ".",
+         f"- Budget per arm: {s['budget_steps']} REPA steps" + (" + the extraction" if f.get("features") else "") +
+         f" = **{budget / 1e12:.2f} TFLOP**.\n",
+         "| arm | λ | warmup steps | full steps (aligned + after the stop) | evaluated at total steps |",
+         "|---|---|---|---|---|"]
+    for name in study["order"]:
+        p, a = study["plans"][name], study["arms"][name]
+        full = str(p["steps"]) if p["align_until"] is None else f"{p['steps']} ({p['align_until']} + " \
+                                                                   f"{p['steps'] - p['align_until']})"
+        L.append(f"| {a['label']} | {a['lam']} | {p['warmup_steps']} | {full} | {', '.join(map(str, p['eval_steps']))} |")
+    fl, fs = study["floor"]
+    L += ["", f"- Evaluation: EMA weights, {s['num_samples']} samples per checkpoint ({s['sampler']}, "
+          f"{s['sample_steps']} steps, guidance {s['cfg_scale']:g}; the same per-index noise and balanced classes "
+          "for every checkpoint). FID against all 1,797 digits in the feature space of the project's digits "
+          "classifier (not the target encoder, though both learned from the same labels); accuracy: the share of "
+          "samples that classifier reads as the requested digit.",
+          f"- Floor: {s['num_samples']} *real* digits score FID {fl:.2f} ± {fs:.2f} against the same reference.\n"]
+    return L
+
+
+def _by_fraction_tables(results: List[dict], study: dict) -> List[str]:
+    budget, seeds = study["budget"], study["seeds"]
+    fracs = sorted({round(r["fraction"], 6) for r in results})
+    L = []
+    for key, title, fmt, scale in (("fid", "FID", "{:.2f}", 1.0), ("accuracy", "accuracy %", "{:.1f}", 100.0)):
+        L += [f"**{title}** (mean ± std over seeds {', '.join(map(str, seeds))}; \"–\": inside the warmup)\n",
+              "| arm | " + " | ".join(f"{q * 100:.0f}% ({q * budget / 1e12:.2f} TF)" for q in fracs) + " |",
+              "|---|" + "---|" * len(fracs)]
+        for name in study["order"]:
+            cells = []
+            for q in fracs:
+                g = [r[key] * scale for r in results if r["arm"] == name and round(r["fraction"], 6) == q]
+                cells.append(_pm(g, fmt) if g else "–")
+            L.append(f"| {study['arms'][name]['label']} | " + " | ".join(cells) + " |")
+        L.append("")
+    return L
+
+
+def _ratio_table(results: List[dict], study: dict) -> List[str]:
+    budget, seeds, arms = study["budget"], study["seeds"], study["arms"]
+    L = ["## Compute to reach REPA's and vanilla's final FID\n",
+         "Share of the budget (FLOPs, extraction and warmup included) at which each arm first reaches the final FID "
+         "of REPA / of vanilla SiT with the same seed; seconds over REPA's whole run. Linear interpolation between "
+         "evaluations; \"≤\": already there at the first evaluation.\n",
+         "| arm | to REPA's final FID: FLOPs | seconds | to vanilla's final FID: FLOPs | seconds |",
+         "|---|---|---|---|---|"]
+    for name in study["order"]:
+        cells = []
+        for target in ("repa", "vanilla"):
+            if target not in study["present"] or name == target:
+                cells += ["–", "–"]
+                continue
+            rows = compute_ratios(results, budget, seeds, name, target)
+            cells += [format_ratio(rows), format_ratio(rows, "seconds_ratio")]
+        L.append(f"| {arms[name]['label']} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def _sweep_table(results: List[dict], study: dict) -> List[str]:
+    budget, seeds, arms = study["budget"], study["seeds"], study["arms"]
+    sweep = [n for n in study["sweep"] if n in study["present"]]
+    if not sweep:
+        return []
+    L = ["## How long should the warmup be?\n",
+         "| warmup share | warmup steps | final FID | accuracy % | to REPA's final FID (FLOPs) | run seconds |",
+         "|---|---|---|---|---|---|"]
+    best_fid, best_reach = {}, {}
+    for name in sweep:
+        fin = finals(results, name, seeds)
+        rows = compute_ratios(results, budget, seeds, name, "repa") if "repa" in study["present"] else []
+        got = [r["ratio"] for r in rows if r["ratio"] is not None]
+        best_fid[name] = np.mean([r["fid"] for r in fin])
+        best_reach[name] = (len(rows) - len(got), np.mean(got) if got else np.inf)
+        L.append(f"| {arms[name]['warmup'] * 100:g}% | {study['plans'][name]['warmup_steps']} | "
+                 f"{_pm([r['fid'] for r in fin])} | {_pm([r['accuracy'] * 100 for r in fin], '{:.1f}')} | "
+                 f"{format_ratio(rows) if rows else '–'} | {_pm([r['seconds'] for r in fin], '{:.0f}')} |")
+    by_fid = min(best_fid, key=best_fid.get)
+    by_reach = min(best_reach, key=best_reach.get)
+    per_seed = []
+    for s in seeds:
+        f = {n: finals(results, n, [s]) for n in sweep}
+        f = {n: v[0]["fid"] for n, v in f.items() if v}
+        if f:
+            per_seed.append(f"seed {s}: {arms[min(f, key=f.get)]['warmup'] * 100:g}%")
+    L += ["", f"Compute-optimal warmup share, by mean final FID: **{arms[by_fid]['warmup'] * 100:g}%** (best per seed: "
+          f"{'; '.join(per_seed)}); by the compute to reach REPA's final FID: "
+          f"**{arms[by_reach]['warmup'] * 100:g}%**.\n"]
+    return L
+
+
+def _per_seed_table(results: List[dict], study: dict) -> List[str]:
+    L = ["## Per seed (final checkpoint)\n",
+         "| arm | seed | FID | accuracy % | seconds | final velocity loss | final alignment loss |",
+         "|---|---|---|---|---|---|---|"]
+    for name in study["order"]:
+        for s in study["seeds"]:
+            cv = curve(results, name, s)
+            if not cv:
+                continue
+            lo = study["losses"].get(name, {}).get(str(s)) or {}
+            al = f"{lo['align']:.3f}" if lo and study["arms"][name]["method"] != "vanilla" and \
+                study["arms"][name]["stop"] is None else "–"
+            L.append(f"| {study['arms'][name]['label']} | {s} | {cv[-1]['fid']:.2f} | {cv[-1]['accuracy'] * 100:.1f} | "
+                     f"{cv[-1]['seconds']:.0f} | {lo.get('velocity', float('nan')):.4f} | {al} |")
+    return L + ["", "Losses: mean of the single-batch values logged in the last 10% of full training. Seconds: the "
+                "run's training wall clock (extraction and warmup included).\n"]
+
+
+def write_doc(path: str, results: List[dict], study: dict) -> str:
+    L = _head(study) + _setup(study)
+    if study["config"]["plot"]:
+        rel = os.path.relpath(study["config"]["plot"], os.path.dirname(os.path.abspath(path)) or ".")
+        L.append(f"![FID and accuracy against training compute, and the warmup sweep]({rel})\n")
+    L += ["## Results\n"] + _by_fraction_tables(results, study) + _ratio_table(results, study)
+    L += _sweep_table(results, study) + _per_seed_table(results, study)
+    L += ["## Notes\n", _keep_notes(path), ""]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(L))
+    return path
