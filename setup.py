@@ -1,7 +1,8 @@
 """Build entry for erw_fast.
 
-The top-level ``kernels/`` folder (one Triton file per fused op) is installed as the
-sub-package ``erw_fast.kernels``; there is no top-level ``kernels`` import name.
+The Triton kernels (one file per fused op) live in ``erw_fast/kernels/``; there is no top-level
+``kernels`` folder, which would shadow the PyPI package of that name (a dependency of transformers)
+whenever the repository root is on ``sys.path`` (``python -m ...`` run from it).
 """
 import os
 
@@ -18,7 +19,7 @@ def _readme():
 DATA_EXTRA = ["diffusers", "transformers", "safetensors"]
 TB_EXTRA = ["tensorboard"]
 
-packages = find_packages(include=["erw_fast", "erw_fast.*"]) + ["erw_fast.kernels"]
+packages = find_packages(include=["erw_fast", "erw_fast.*"])
 
 setup(
     name="erw_fast",
@@ -28,7 +29,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=packages,
-    package_dir={"erw_fast": "erw_fast", "erw_fast.kernels": "kernels"},
     package_data={"erw_fast": ["assets/*"]},
     include_package_data=True,
     # torch>=2.4 has torch.library.custom_op; CI pins the local CPU wheel (torch==2.13.0).

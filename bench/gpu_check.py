@@ -331,14 +331,9 @@ import torch  # noqa: E402
 def _import_ops():
     try:
         import erw_fast.kernels  # noqa: F401
-    except ImportError:
-        # not pip-installed: the top-level kernels/ folder is erw_fast.kernels; make it findable.
+    except ImportError:  # not pip-installed: import the package from this checkout
         if ROOT not in sys.path:
             sys.path.insert(0, ROOT)
-        import erw_fast
-
-        if ROOT not in erw_fast.__path__:
-            erw_fast.__path__.append(ROOT)  # erw_fast.kernels -> ROOT/kernels
     import erw_fast.kernels as K
     import erw_fast.ops as ops
 

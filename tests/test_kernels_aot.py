@@ -1,4 +1,4 @@
-"""The CUDA path, proved without a GPU: every Triton kernel in ``kernels/`` compiles ahead of time for
+"""The CUDA path, proved without a GPU: every Triton kernel in ``erw_fast/kernels/`` compiles ahead of time for
 sm_80 and sm_90 with the launch parameters its launcher picks (``erw_fast.kernels.aot``).
 
 The compiles run once per module, in a subprocess without ``TRITON_INTERPRET`` (conftest sets it
@@ -19,14 +19,14 @@ import pytest
 from erw_fast.kernels import aot
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_DIR = ROOT / "kernels"
+KERNEL_DIR = ROOT / "erw_fast" / "kernels"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
 def _jit_kernels():
-    """(module, kernel) for every ``@triton.jit`` function in kernels/*.py."""
+    """(module, kernel) for every ``@triton.jit`` function in erw_fast/kernels/*.py."""
     found = set()
     for path in sorted(KERNEL_DIR.glob("*.py")):
         for name in re.findall(r"^@triton\.jit[^\n]*\ndef (\w+)", path.read_text(), flags=re.M):
@@ -52,7 +52,7 @@ def test_every_kernel_compiles_for_every_target_dtype_and_size(compiled):
     results = compiled["results"]
     kernels = _jit_kernels()
     assert len(kernels) == 5, kernels  # 2 layernorm_modulate, 2 gated_residual, 1 cosine rows
-    assert {(r["module"], r["kernel"]) for r in results} == kernels, "a kernel in kernels/ is not compiled by aot"
+    assert {(r["module"], r["kernel"]) for r in results} == kernels, "a kernel in erw_fast/kernels/ is not compiled by aot"
     cells = {(r["kernel"], r["size"], r["dtype"], r["arch"]) for r in results}
     want = {(k, s, d, a) for _, k in kernels for s in aot.SIZES for d in aot.cases_for(s) for a in aot.ARCHS}
     assert {d for _, _, d, _ in want} == {"fp32", "bf16", "mixed", "amp"} and {"odd", "XL"} <= set(aot.SIZES)

@@ -97,3 +97,15 @@ def test_the_train_command_line_module_is_not_shadowed():
     code = "from erw_fast import train; import erw_fast; print(hasattr(train, 'main'), erw_fast.TrainConfig.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "TrainConfig"]
+
+
+def test_the_repository_root_offers_no_import_name_but_erw_fast():
+    """``python -m pytest`` / ``python -m erw_fast.…`` from a checkout put its root on sys.path: a
+    top-level package there shadows any installed distribution of that name (a top-level ``kernels/``
+    folder shadowed the PyPI ``kernels`` that transformers imports, and every ``import transformers``
+    failed)."""
+    root = os.path.dirname(PKG)
+    names = {f[:-3] if f.endswith(".py") else f for f in os.listdir(root)
+             if (f.endswith(".py") and f != "setup.py")
+             or os.path.isfile(os.path.join(root, f, "__init__.py"))}
+    assert names == {"erw_fast"}, f"import names in the repository root besides erw_fast: {sorted(names - {'erw_fast'})}"

@@ -290,3 +290,43 @@ def test_prefetcher_returns_fn_k_and_reads_ahead_in_a_thread():
     assert float(doubled[0]) == 2 and doubled[1] is None and float(doubled[2][0]) == 2 and doubled[2][1] == "x"
     with pytest.raises(ValueError, match="prefetch"):
         resolve_config(TrainConfig(prefetch=-1))
+
+
+def test_digits_features_precomputed_once_match_the_online_encoder(tmp_path):
+    """--features precomputed on the digits: the encoder runs once over every image before training (its
+    FLOPs and seconds logged as the 'features' event), the steps read the table and skip the encoder; the
+    targets and the losses are those of the online run (to float rounding)."""
+    from erw_fast.data.digits import DigitsData
+    from erw_fast.engine.build import load_encoders, measure_step_flops
+    from erw_fast.utils.flops import count_flops
+
+    c = resolve_config(cfg(tmp_path, features="precomputed"))
+    data = DigitsData()
+    (online,) = load_encoders(resolve_config(cfg(tmp_path)), data, "cpu")
+    (pre,) = load_encoders(c, data, "cpu")
+    assert pre.precomputed and pre.store.count == len(data) == 1797
+    idx = torch.tensor([5, 1796, 0, 77])
+    torch.testing.assert_close(pre.features(idx), online(data.images[idx]), rtol=1e-5, atol=1e-5)
+    per_image = count_flops(lambda: online(data.images[:1]))
+    assert pre.store.extraction["flops"] == pytest.approx(per_image * 1797)
+    on, off = measure_step_flops(cfg(tmp_path)), measure_step_flops(cfg(tmp_path, features="precomputed"))
+    assert off["features"] == pre.store.extraction["flops"] and "features" not in on
+    assert on["train"] - off["train"] == pytest.approx(per_image * 8)  # a batch of 8 no longer runs the encoder
+    a, b = train(cfg(tmp_path, "online")), train(cfg(tmp_path, "pre", features="precomputed"))
+    la, lb = step_losses(a.out), step_losses(b.out)
+    assert la.keys() == lb.keys()
+    for k in la:
+        assert la[k] == pytest.approx(lb[k], rel=1e-4, abs=1e-5), k
+    ev = [r for r in records(b.out) if r.get("event") == "features"]
+    assert len(ev) == 1 and ev[0]["flops"] == off["features"] and ev[0]["images"] == 1797 and ev[0]["seconds"] > 0
+    assert b.summary["features_cost"] == [{k: ev[0][k] for k in ("encoder", "images", "flops", "seconds")}]
+    assert not [r for r in records(a.out) if r.get("event") == "features"]
+
+
+def test_study_model_keeps_the_paper_proportions():
+    from erw_fast.models.sit import build_model
+
+    c = resolve_config(TrainConfig(model="SiT-D8/2"))
+    assert (c.l2r_depth, c.encoder_depth) == (1, 4)  # XL: 4 of 28 blocks warmed up, alignment at 14 of 28
+    m = build_model("SiT-D8/2", input_size=16, in_channels=1, num_classes=10)
+    assert (len(m.blocks), m.hidden_size, m.num_heads) == (8, 64, 2)

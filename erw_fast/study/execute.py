@@ -17,7 +17,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -279,8 +279,3 @@ def final_losses(folder: str, tail: float = 0.1) -> dict:
     return dict(velocity=float(np.mean([r["loss_velocity"] for r in recs])),
                 align=float(np.mean([r["loss_align"] for r in recs])))
 
-
-def run_seconds(folder: str) -> Optional[float]:
-    """The run's wall clock as ``done.json`` recorded it (training only)."""
-    path = os.path.join(folder, "done.json")
-    return json.load(open(path)).get("wall_seconds") if os.path.exists(path) else None

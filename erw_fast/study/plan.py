@@ -161,6 +161,8 @@ def format_ratio(rows: List[dict], key: str = "ratio") -> str:
         parts.append(f"seed {r['seed']}: not reached" if v is None else
                      f"seed {r['seed']}: {'≤ ' if r['kind'] == 'at_first' else ''}{v:.2f}")
     got = [v for v in vals if v is not None]
+    if not got:
+        return f"not reached in {'any of the' if len(vals) > 1 else 'the'} {len(vals)} seed{'s' * (len(vals) > 1)}"
     if len(got) < len(vals):
         head = f"**not reached in {len(vals) - len(got)} of {len(vals)} seeds**"
     else:
