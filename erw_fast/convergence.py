@@ -25,8 +25,8 @@ by FID against all 1,797 digits in the feature space of the project's digits cla
 share of samples that classifier reads as the requested digit.
 
 Outputs: --out holds one folder per run (<arm>-seed<seed>: checkpoints, metrics.jsonl, train.log,
-evals.jsonl), results.jsonl, study.json, settings.json (a rerun with other settings is refused) and
-commands.json; --doc (default <out>/convergence.md; docs/convergence.md with --update-docs) gets the
+evals.jsonl), results.jsonl, study.json, settings.json (a rerun with other settings or another
+plan is refused) and invocations.jsonl (every call: command, wall clock, runs trained); --doc (default <out>/convergence.md; docs/convergence.md with --update-docs) gets the
 report and --plot the PNG. Text between <!-- notes:start --> and <!-- notes:end --> in an existing
 doc is kept. Rerunning resumes: finished runs and evaluations are kept, an unfinished run continues
 from its last checkpoint.
@@ -71,35 +71,38 @@ def _run_group(p: argparse.ArgumentParser, d: StudyConfig):
                    "encoder run every step")
     g.add_argument("--budget-steps", type=int, help=f"compute budget per arm, in REPA steps (default {d.budget_steps}; "
                    f"--quick {QUICK['budget_steps']})")
-    g.add_argument("--points", type=int, help=f"evaluations per run (default {d.points})")
+    g.add_argument("--points", type=int, help=f"evaluations per run (default {d.points}; --quick {QUICK['points']})")
     g.add_argument("--warmup-fractions", type=_shares, help="ERW arms: share of the budget spent in the warmup "
                    f"(default {','.join(f'{v:g}' for v in d.warmup_fractions)})")
     g.add_argument("--stop-fraction", type=float, help="the -stop arms: the alignment ends once this share of the "
                    f"budget is spent (default {d.stop_fraction:g})")
     g.add_argument("--stop-warmup", type=float, help=f"warmup share of the ERW arm with the stop (default {d.stop_warmup:g})")
-    g.add_argument("--num-samples", type=int, help=f"samples per evaluation (default {d.num_samples})")
+    g.add_argument("--num-samples", type=int, help=f"samples per evaluation (default {d.num_samples}; --quick "
+                   f"{QUICK['num_samples']})")
     g.add_argument("--sampler", choices=("sde", "ode-euler", "ode-heun"), help=f"default {d.sampler}")
-    g.add_argument("--sample-steps", type=int, help=f"sampler steps (default {d.sample_steps})")
+    g.add_argument("--sample-steps", type=int, help=f"sampler steps (default {d.sample_steps}; --quick "
+                   f"{QUICK['sample_steps']})")
     g.add_argument("--cfg-scale", type=float, help="guidance scale for evaluation (default 1: none)")
-    g.add_argument("--eval-seed", type=int, help="seed of the evaluation noise (shared by all runs)")
+    g.add_argument("--eval-seed", type=int, help=f"seed of the evaluation noise, shared by all runs (default {d.eval_seed})")
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = StudyConfig()
     p = argparse.ArgumentParser(prog="python -m erw_fast.convergence", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[2:]),
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="the smoke-test preset: one seed, a budget of "
                    f"{QUICK['budget_steps']} steps, {QUICK['num_samples']} samples (out {QUICK['out']})")
     p.add_argument("--out", help=f"folder for the runs (default {d.out}); rerunning resumes")
     p.add_argument("--doc", help="markdown report to write (default <out>/convergence.md; '' = none)")
     p.add_argument("--plot", help="PNG plot to write (default <out>/convergence.png; '' = none)")
-    p.add_argument("--update-docs", action="store_true", help="write the report to the repository's "
-                   "docs/convergence.md and docs/images/convergence.png (unless --doc/--plot are given)")
-    p.add_argument("--arms", type=_names, help="comma-separated subset of the arms to run now (default all: vanilla, "
-                   "repa, repa-stop, erw-w05, erw-w10, erw-w20, erw-w40, erw-w10-stop, erw-nowarmup); the report "
-                   "covers every arm evaluated in --out")
-    p.add_argument("--seeds", type=_ints, help="comma-separated training seeds (default 0,1,2)")
+    p.add_argument("--update-docs", action="store_true", help="write the report to docs/convergence.md and "
+                   "docs/images/convergence.png of the checkout erw_fast is installed from (unless --doc/--plot are "
+                   "given; refused with --quick)")
+    p.add_argument("--arms", type=_names, help="comma-separated subset of the arms to run now (default all; with the "
+                   "default shares: vanilla, repa, repa-stop, erw-w05, erw-w10, erw-w20, erw-w40, erw-w10-stop, "
+                   "erw-nowarmup; erw-wNN follows --warmup-fractions); the report covers every arm evaluated in --out")
+    p.add_argument("--seeds", type=_ints, help="comma-separated training seeds (default 0,1,2; --quick 0)")
     p.add_argument("--plan", dest="plan_only", action="store_true", help="print the plan (FLOPs per step, every "
                    "arm's steps and evaluation points) and stop; nothing is written")
     _run_group(p, d)

@@ -189,3 +189,49 @@ def test_quick_study_end_to_end(tmp_path):
     assert "my diagnosis" in doc.read_text() and len((out / "results.jsonl").read_text().splitlines()) == n
     assert [i["trained"] for i in again["study"]["invocations"]] == [len(plans), 0]
     assert os.path.exists(out / "settings.json") and (out / "study.json").exists()
+
+
+def test_report_paths_and_update_docs(tmp_path):
+    import erw_fast.study as st
+
+    out = str(tmp_path / "study")
+    assert st.report_paths(sc.study_config(out=out)) == (os.path.join(out, "convergence.md"),
+                                                         os.path.join(out, "convergence.png"))
+    doc, plot = st.report_paths(sc.study_config(out=out, update_docs=True))  # the checkout's docs, from anywhere
+    assert doc == os.path.join(st.repository_root(), "docs", "convergence.md") and os.path.isabs(plot)
+    assert st.report_paths(sc.study_config(out=out, doc="", plot="p.png", update_docs=True)) == ("", "p.png")
+    with pytest.raises(ValueError, match="smoke-test numbers"):
+        st.report_paths(sc.study_config(quick=True, update_docs=True))
+
+
+def test_a_failed_run_is_named_and_the_call_is_logged(tmp_path, monkeypatch):
+    """A run that fails stops the study with its arm and seed named (one line); the call still lands in
+    invocations.jsonl; a finished run trained for another plan is refused, not reused."""
+    out = tmp_path / "s"
+
+    def boom(cfg, plan, seed, flops, threads):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(ex, "run_arm", boom)
+    argv = ["--quick", "--out", str(out), "--jobs", "1", "--arms", "repa", "--doc", "", "--plot", ""]
+    with pytest.raises(ex.StudyError, match=r"repa seed 0 failed \(RuntimeError: disk on fire\)"):
+        cli.main(argv)
+    (inv,) = ex.read_jsonl(str(out / "invocations.jsonl"))
+    assert inv["status"] == "failed" and inv["trained"] == 0
+    cfg = sc.study_config(quick=True, out=str(out))
+    plan = sp.RunPlan("repa", "repa", 0, 8, None, 0.0, [8], [1.0])
+    (out / "repa-seed0").mkdir()
+    (out / "repa-seed0" / "done.json").write_text(json.dumps({"steps": 9}))
+    with pytest.raises(ex.StudyError, match="trained for 9 steps, but this plan gives repa 8"):
+        ex.train_run(cfg, plan, 0, 1)
+
+
+def test_finals_and_ratios_use_the_end_of_the_budget_only():
+    from erw_fast.study import report
+
+    res = [_rec("repa", 0, 5, 20.0, 1), dict(_rec("repa", 0, 10, 10.0, 2), fraction=1.0),
+           _rec("erw-w10", 0, 5, 8.0, 1)]  # erw-w10's final evaluation is missing
+    assert [r["fid"] for r in report.finals(res, "repa", [0])] == [10.0] and not report.finals(res, "erw-w10", [0])
+    assert not sp.compute_ratios(res, 10.0, [0], "repa", "erw-w10")  # no final FID to reach: no row
+    rows = sp.compute_ratios(res, 10.0, [0], "erw-w10", "repa", reference="vanilla")
+    assert rows[0]["ratio"] == pytest.approx(0.5) and sp.format_ratio(rows, "seconds_ratio") == "n/a"

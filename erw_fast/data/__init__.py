@@ -37,7 +37,9 @@ class TrainData(Protocol):
 
     Optional: ``class_names`` (list of str: the label → name table, recorded by the engine in
     config.json and the checkpoints' args; image folders have it), ``probe_indices(n)`` → (indices,
-    description, available) of the representation probe's images (default: the last n samples).
+    description, available) of the representation probe's images (default: the last n samples);
+    ``fixed_inputs`` (bool, default False: the encoder's input of a sample never changes, so
+    ``--features precomputed`` can extract every target once; the digits have it).
     """
 
     num_samples: int

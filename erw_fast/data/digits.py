@@ -69,6 +69,7 @@ class DigitsData:
     host copy (the engine pins it and copies it without a sync), the pixels are the data."""
 
     is_latent = False
+    fixed_inputs = True  # no augmentation: the encoder's input of an image never changes
     root = None
     channels = 1
     num_classes = NUM_CLASSES

@@ -123,27 +123,31 @@ class FeatureTable:
 
 
 def extract_in_memory(encoder: TargetEncoder, data, batch_size: int = 256) -> PrecomputedEncoder:
-    """Run ``encoder`` once over every sample of ``data`` (its ``batch`` pixels, which must not depend on
-    the seed or step) and stand in for it with the features held in memory."""
+    """Run ``encoder`` once over every sample of ``data`` and stand in for it with the features held in
+    memory. Only for data whose encoder input is fixed (``data.fixed_inputs``: no augmentation, the
+    ``batch`` pixels depend on neither seed nor step). The FLOPs are one image's, counted, times the
+    number of images; the seconds are those of the pass itself."""
     import time
 
     from ..utils.flops import count_flops
 
+    if not getattr(data, "fixed_inputs", False):
+        raise ValueError(f"--features precomputed: {type(data).__name__} draws its encoder inputs per step "
+                         "(augmentation), so they cannot be extracted once")
     n, dev = data.num_samples, next(iter(encoder.parameters()), torch.empty(0)).device
-    parts: List[torch.Tensor] = []
 
-    def run():
-        for s in range(0, n, batch_size):
-            idx = torch.arange(s, min(s + batch_size, n))
-            pixels = data.batch(idx, 0, 0, idx.tolist())[2]
-            parts.append(encoder(pixels.to(dev)).float().cpu())
+    def pixels(lo: int, hi: int) -> torch.Tensor:
+        idx = torch.arange(lo, hi)
+        return data.batch(idx, 0, 0, idx.tolist())[2].to(dev)
 
     t0 = time.perf_counter()
-    flops = count_flops(run)
-    table = torch.cat(parts)
+    table = torch.cat([encoder(pixels(s, min(s + batch_size, n))).float().cpu() for s in range(0, n, batch_size)])
+    seconds = time.perf_counter() - t0
     if not torch.isfinite(table).all():
         raise ValueError(f"target encoder {encoder.name!r} produced non-finite features")
-    return PrecomputedEncoder(FeatureTable(encoder.name, table, encoder.token_grid, flops, time.perf_counter() - t0))
+    one = pixels(0, 1)
+    flops = count_flops(lambda: encoder(one)) * n
+    return PrecomputedEncoder(FeatureTable(encoder.name, table, encoder.token_grid, flops, seconds))
 
 
 def precomputed_encoders(data_root: str, spec: str, expected_count: Optional[int] = None) -> List[PrecomputedEncoder]:

@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .config import Arm, StudyConfig, check_config, selected_arms, study_arms, study_config, study_settings
-from .execute import (Job, StudyError, collect_results, cores, data_floor, final_losses, probe_flops, run_dir,
-                      run_jobs, say, seeds_in, threads_per_run)
+from .execute import (Job, StudyError, collect_results, cores, data_floor, final_losses, probe_flops, read_jsonl,
+                      run_conditions, run_dir, run_jobs, say, seeds_in)
 from .plan import RunPlan, compute_at, compute_ratios, crossing, plan_runs
 
 __all__ = ["Arm", "RunPlan", "StudyConfig", "StudyError", "compute_at", "compute_ratios", "crossing", "plan_runs",
@@ -29,11 +29,23 @@ __all__ = ["Arm", "RunPlan", "StudyConfig", "StudyError", "compute_at", "compute
 DOCS_DOC, DOCS_PLOT = "docs/convergence.md", "docs/images/convergence.png"
 
 
+def repository_root() -> str:
+    """The checkout this package was installed from (``pip install -e``), for ``--update-docs``."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not (os.path.isfile(os.path.join(root, DOCS_DOC)) and os.path.isfile(os.path.join(root, "setup.py"))):
+        raise ValueError(f"--update-docs writes the repository's {DOCS_DOC}, but erw_fast is not installed from a "
+                         "checkout (pip install -e); give --doc and --plot instead")
+    return root
+
+
 def report_paths(cfg: StudyConfig) -> Tuple[str, str]:
     """(doc, plot): given paths win; else the repository's docs with ``update_docs``; else in ``out``."""
-    doc = cfg.doc if cfg.doc is not None else (DOCS_DOC if cfg.update_docs else os.path.join(cfg.out, "convergence.md"))
-    plot = cfg.plot if cfg.plot is not None else (DOCS_PLOT if cfg.update_docs else
-                                                  os.path.join(cfg.out, "convergence.png"))
+    if cfg.update_docs and cfg.quick and (cfg.doc is None or cfg.plot is None):
+        raise ValueError("--update-docs with --quick would put smoke-test numbers into the repository's report; "
+                         "leave one out, or give --doc and --plot")
+    docs = (lambda rel: os.path.join(repository_root(), rel)) if cfg.update_docs else None
+    doc = cfg.doc if cfg.doc is not None else (docs(DOCS_DOC) if docs else os.path.join(cfg.out, "convergence.md"))
+    plot = cfg.plot if cfg.plot is not None else (docs(DOCS_PLOT) if docs else os.path.join(cfg.out, "convergence.png"))
     return doc, plot
 
 
@@ -83,17 +95,27 @@ def print_plan(flops: Dict[str, float], budget: float, plans: Dict[str, RunPlan]
         say(f"  {name:16s} {p.warmup_steps:5d} warmup + {p.steps:4d} full steps{stop}; evaluated at {p.eval_steps}")
 
 
-def _log_invocation(out: str, command: str, minutes: float, trained: int) -> List[dict]:
-    """Append this call to ``out/invocations.jsonl`` (command, wall minutes, runs it trained); returns all."""
-    path = os.path.join(out, "invocations.jsonl")
-    with open(path, "a") as f:
-        f.write(json.dumps(dict(command=command, date=time.strftime("%Y-%m-%d"), minutes=minutes, trained=trained))
-                + "\n")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _done(cfg: StudyConfig, jobs: List[Job]) -> set:
+    return {(j.arm.name, j.seed) for j in jobs if os.path.exists(os.path.join(run_dir(cfg, j.arm.name, j.seed),
+                                                                              "done.json"))}
 
 
-def _study_record(cfg, flops, budget, plans, results, seeds, t_start, argv, trained: int) -> dict:
+def _run_logged(cfg: StudyConfig, jobs: List[Job], flops: Dict[str, float], argv: Optional[List[str]]):
+    """``run_jobs``, and this call appended to ``out/invocations.jsonl`` (command, date, wall minutes, the
+    runs it trained, how it ended) whether it finishes or not."""
+    command = " ".join(["python -m erw_fast.convergence"] + [shlex.quote(a) for a in (argv or [])])
+    before, t0, status = _done(cfg, jobs), time.time(), "failed"
+    try:
+        run_jobs(cfg, jobs, flops)
+        status = "finished"
+    finally:
+        rec = dict(command=command, date=time.strftime("%Y-%m-%d"), minutes=(time.time() - t0) / 60,
+                   trained=len(_done(cfg, jobs) - before), jobs=cfg.jobs, status=status)
+        with open(os.path.join(cfg.out, "invocations.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def _study_record(cfg, flops, budget, plans, results, seeds) -> dict:
     from ..engine.config import TrainConfig, resolve_config
     from ..models.sit import SIZES
 
@@ -101,22 +123,20 @@ def _study_record(cfg, flops, budget, plans, results, seeds, t_start, argv, trai
     present = [a.name for a in arms if any(r["arm"] == a.name for r in results)]
     tc = resolve_config(TrainConfig(method="erw", model=cfg.model))
     size = SIZES[cfg.model.removeprefix("SiT-").split("/")[0]]
-    command = " ".join(["python -m erw_fast.convergence"] + [shlex.quote(a) for a in (argv or [])])
     finals = [r for r in results if r["step"] == plans[r["arm"]].total_steps]
     return dict(
         config=asdict(cfg), settings=study_settings(cfg), flops=flops, budget=budget,
-        plans={n: asdict(p) for n, p in plans.items()}, arms=describe_arms(cfg, arms),
-        order=present, present=present, seeds=seeds,
+        plans={n: asdict(p) for n, p in plans.items()}, arms=describe_arms(cfg, arms), present=present, seeds=seeds,
         main_arms=[a.name for a in arms if a.name in present and not (a.method == "erw" and a.stop is None
                                                                           and a.warmup != cfg.stop_warmup)],
         sweep=[a.name for a in arms if a.method == "erw" and a.stop is None],
         l2r_depth=tc.l2r_depth, encoder_depth=tc.encoder_depth,
         model_desc=f"{size['depth']} blocks, {size['hidden_size']} wide, {size['num_heads']} heads",
         floor=data_floor(cfg), losses={n: {str(s): final_losses(run_dir(cfg, n, s)) for s in seeds} for n in present},
-        minutes=(time.time() - t_start) / 60, train_minutes=sum(r["seconds"] for r in finals) / 60,
+        train_minutes=sum(r["seconds"] for r in finals) / 60,
         eval_minutes=sum(r.get("eval_seconds", 0.0) for r in results) / 60,
-        invocations=_log_invocation(cfg.out, command, (time.time() - t_start) / 60, trained), jobs=cfg.jobs,
-        threads=threads_per_run(cfg),
+        invocations=read_jsonl(os.path.join(cfg.out, "invocations.jsonl")),
+        conditions=run_conditions(cfg, present, seeds),
         machine=dict(cpu=platform.processor() or platform.machine(), cores=cores(), torch=torch.__version__,
                      python=platform.python_version()))
 
@@ -127,7 +147,8 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
     from .report import write_doc, write_plot
 
     check_config(cfg)
-    cfg = replace(cfg, doc=report_paths(cfg)[0], plot=report_paths(cfg)[1])
+    doc, plot = report_paths(cfg)
+    cfg = replace(cfg, doc=doc, plot=plot)
     if cfg.plot and not cfg.plan_only:
         _require_matplotlib()
     t_start = time.time()
@@ -137,15 +158,14 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
     print_plan(flops, budget, plans)
     if cfg.plan_only:
         return dict(flops=flops, budget=budget, plans=plans)
-    check_settings(cfg.out, study_settings(cfg))
-    jobs = [Job(a, plans[a.name], s) for s in cfg.seeds for a in selected_arms(cfg)]
-    trained = sum(not os.path.exists(os.path.join(run_dir(cfg, j.arm.name, j.seed), "done.json")) for j in jobs)
-    run_jobs(cfg, jobs, flops)
+    check_settings(cfg.out, {**study_settings(cfg), "plans": {n: [p.warmup_steps, p.steps, p.align_until, p.eval_steps]
+                                                              for n, p in plans.items()}})
+    _run_logged(cfg, [Job(a, plans[a.name], s) for s in cfg.seeds for a in selected_arms(cfg)], flops, argv)
     seeds = seeds_in(cfg)
     results = collect_results(cfg, plans, seeds)
     with open(os.path.join(cfg.out, "results.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in results)
-    study = _study_record(cfg, flops, budget, plans, results, seeds, t_start, argv, trained)
+    study = _study_record(cfg, flops, budget, plans, results, seeds)
     with open(os.path.join(cfg.out, "study.json"), "w") as f:
         json.dump(study, f, indent=1)
     if cfg.plot:

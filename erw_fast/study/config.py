@@ -40,7 +40,6 @@ class StudyConfig:
     # the machine
     jobs: int = 2                    # runs trained at once (each with cores // jobs threads)
     threads: Optional[int] = None    # CPU threads per run (None: cores // jobs)
-    progress: bool = True
     quick: bool = False
     plan_only: bool = False          # print the plan (steps, evaluation points, FLOPs) and stop
 
@@ -85,7 +84,9 @@ class Arm:
             return "REPA" + stop
         if self.method == "erw-nowarmup":
             return "ERW λ, no warmup (control)" + stop
-        return f"ERW, warmup {self.warmup * 100:g}%" + stop
+        if self.method == "erw":
+            return f"ERW, warmup {self.warmup * 100:g}%" + stop
+        return self.method + stop
 
 
 def _pct(f: float) -> str:

@@ -90,6 +90,10 @@ def train_run(cfg: StudyConfig, plan: RunPlan, seed: int, threads: int) -> str:
     out = run_dir(cfg, plan.arm, seed)
     done = os.path.join(out, "done.json")
     if os.path.exists(done):
+        steps = json.load(open(done)).get("steps")
+        if steps != plan.total_steps:
+            raise StudyError(f"{out} was trained for {steps} steps, but this plan gives {plan.arm} {plan.total_steps} "
+                             "(the FLOPs per step changed?); use another --out")
         return out
     resume = bool(list_checkpoints(out))
     if not resume and folder_holds_run(out):  # killed before its first checkpoint: start it over
@@ -107,8 +111,8 @@ def train_run(cfg: StudyConfig, plan: RunPlan, seed: int, threads: int) -> str:
         raise StudyError(f"{out}: training ended with status {res.status!r} (see {out}/train.log); run the same "
                          "command again to resume it (finished runs and evaluations are kept)")
     with open(done, "w") as f:
-        json.dump({"summary": res.summary, "steps": res.steps, "wall_seconds": time.time() - t0, "threads": threads},
-                  f, default=str)
+        json.dump({"summary": res.summary, "steps": res.steps, "wall_seconds": time.time() - t0, "threads": threads,
+                   "jobs": cfg.jobs}, f, default=str)
     return out
 
 
@@ -188,6 +192,15 @@ class Job:
     seed: int
 
 
+def _failed(cfg: StudyConfig, job: Job, e: BaseException) -> StudyError:
+    """One line naming the run that failed and where to look; finished runs and evaluations are kept."""
+    if isinstance(e, StudyError):
+        return e
+    folder = run_dir(cfg, job.arm.name, job.seed)
+    return StudyError(f"{job.arm.name} seed {job.seed} failed ({type(e).__name__}: {e}); training output in "
+                      f"{folder}/train.log. Rerun the same command to resume (finished runs and evaluations are kept)")
+
+
 def _finished_line(i: int, n: int, job: Job, out: dict, t_start: float) -> str:
     recs = out["records"]
     fid = " → ".join(f"{r['fid']:.2f}" for r in recs)
@@ -205,7 +218,11 @@ def run_jobs(cfg: StudyConfig, jobs: Sequence[Job], flops: Dict[str, float]) -> 
     if cfg.jobs == 1 or n <= 1:
         for i, job in enumerate(jobs, 1):
             say(f"[{i}/{n}] {job.arm.name} seed {job.seed}: {job.plan.warmup_steps} warmup + {job.plan.steps} steps")
-            say(_finished_line(i, n, job, run_arm(cfg, job.plan, job.seed, flops, threads), t_start))
+            try:
+                out = run_arm(cfg, job.plan, job.seed, flops, threads)
+            except Exception as e:
+                raise _failed(cfg, job, e) from e
+            say(_finished_line(i, n, job, out, t_start))
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
     with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx) as pool:
@@ -219,14 +236,13 @@ def run_jobs(cfg: StudyConfig, jobs: Sequence[Job], flops: Dict[str, float]) -> 
                     try:
                         out = fut.result()
                     except Exception as e:
-                        raise StudyError(f"{job.arm.name} seed {job.seed} failed ({type(e).__name__}: {e}); see "
-                                         f"{run_dir(cfg, job.arm.name, job.seed)}/train.log. Rerun the same command "
-                                         "to resume (finished runs and evaluations are kept)") from e
+                        err = _failed(cfg, job, e)
+                        say(f"error: {err}\nwaiting for the run(s) under way to finish (they are kept) ...")
+                        raise err from e
                     done_count += 1
                     say(_finished_line(done_count, n, job, out, t_start))
         except BaseException:
-            for fut in pending:
-                fut.cancel()
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
 
 
@@ -238,6 +254,18 @@ def collect_results(cfg: StudyConfig, plans: Dict[str, RunPlan], seeds: Sequence
             recs = {r["step"]: r for r in read_jsonl(os.path.join(run_dir(cfg, name, s), "evals.jsonl"))}
             out += [recs[k] for k in plan.eval_steps if k in recs]
     return out
+
+
+def run_conditions(cfg: StudyConfig, names: Sequence[str], seeds: Sequence[int]) -> List[Tuple[int, int]]:
+    """The distinct (runs at a time, threads per run) under which the finished runs trained."""
+    got = set()
+    for n in names:
+        for s in seeds:
+            path = os.path.join(run_dir(cfg, n, s), "done.json")
+            if os.path.exists(path):
+                d = json.load(open(path))
+                got.add((int(d.get("jobs", 0)), int(d.get("threads", 0))))
+    return sorted(got)
 
 
 def seeds_in(cfg: StudyConfig) -> List[int]:

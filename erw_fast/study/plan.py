@@ -142,23 +142,26 @@ def compute_ratios(results: List[dict], budget: float, seeds: Sequence[int], arm
     rows = []
     for s in seeds:
         c, t, ref = curve(results, arm, s), curve(results, target_of, s), curve(results, reference, s)
-        if not c or not t:
+        if not c or not t or t[-1]["fraction"] != 1.0:  # the target is the final FID (the end of the budget)
             continue
+        ref = ref if ref and ref[-1]["fraction"] == 1.0 else []
         target = t[-1]["fid"]
         x, kind = crossing([r["flops"] for r in c], [r["fid"] for r in c], target)
         sec, _ = crossing([r["seconds"] for r in c], [r["fid"] for r in c], target)
         rows.append(dict(seed=s, target_fid=target, kind=kind, flops=x, ratio=(x / budget if x is not None else None),
-                         seconds_ratio=(sec / ref[-1]["seconds"] if sec is not None and ref else None)))
+                         seconds_ratio=(sec / ref[-1]["seconds"] if sec is not None and ref else None),
+                         seconds_ratio_na=not ref))  # no finished reference run: no seconds to compare with
     return rows
 
 
 def format_ratio(rows: List[dict], key: str = "ratio") -> str:
-    """``mean ± std (seed 0: …; seed 1: …)``; seeds that never got there are named, not averaged away."""
-    if not rows:
+    """``mean ± std (seed 0: …; seed 1: …)``; seeds that never got there are named, not averaged away
+    (``n/a``: the row's ``<key>_na`` says there was nothing to measure against)."""
+    if not rows or all(r.get(key + "_na") for r in rows):
         return "n/a"
     parts, vals = [], [r[key] for r in rows]
     for r, v in zip(rows, vals):
-        parts.append(f"seed {r['seed']}: not reached" if v is None else
+        parts.append(f"seed {r['seed']}: {'n/a' if r.get(key + '_na') else 'not reached'}" if v is None else
                      f"seed {r['seed']}: {'≤ ' if r['kind'] == 'at_first' else ''}{v:.2f}")
     got = [v for v in vals if v is not None]
     if not got:

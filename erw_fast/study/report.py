@@ -37,8 +37,8 @@ def _keep_notes(path: str) -> str:
 
 
 def finals(results: List[dict], arm: str, seeds: Sequence[int]) -> List[dict]:
-    """The last evaluation of ``arm`` in each seed that has one."""
-    return [c[-1] for c in (curve(results, arm, s) for s in seeds) if c]
+    """The evaluation at the end of the budget of ``arm``, in each seed that has one."""
+    return [r for s in seeds for r in curve(results, arm, s) if r["fraction"] == 1.0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,18 +118,28 @@ def write_plot(path: str, results: List[dict], study: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------------------------
+def _conditions(study: dict) -> str:
+    cond = study["conditions"]
+    text = ", ".join(f"{j} run(s) at a time with {t} CPU thread(s) each" for j, t in cond)
+    if len(cond) > 1:
+        text = f"under different loads ({text}): their seconds do not compare"
+    return text or "no finished run"
+
+
 def _head(study: dict) -> List[str]:
     m, inv = study["machine"], study["invocations"]
     cmds = list(dict.fromkeys(i["command"] for i in inv))
-    runs = "; ".join(f"{i['date']}: {i['minutes']:.1f} min, {i['trained']} run(s) trained" for i in inv if i["trained"])
+    runs = "; ".join(f"{i['date']}: {i['minutes']:.1f} min, {i['trained']} run(s) trained"
+                     + (f" ({i['status']})" if i.get("status", "finished") != "finished" else "")
+                     for i in inv if i["trained"] or i.get("status") == "failed")
     return ["# Convergence at the paper's proportions: vanilla SiT, REPA and ERW at equal compute\n",
             "Written by `python -m erw_fast.convergence` (the numbers, tables and plot); the notes section is "
             "written by hand and kept when the study is rerun. The commands that produced this folder's runs:\n",
             "```bash\n" + "\n".join(cmds) + "\n```\n",
             f"Wall clock of the calls that trained runs: {runs or 'none'}. Training took {study['train_minutes']:.1f} "
-            f"min and evaluation {study['eval_minutes']:.1f} min, summed over runs; {study['jobs']} run(s) at a time "
-            f"with {study['threads']} CPU thread(s) each on {m['cores']} cores ({m['cpu']}), torch {m['torch']}, "
-            f"Python {m['python']}. A rerun skips finished runs and evaluations.\n"]
+            f"min and evaluation {study['eval_minutes']:.1f} min, summed over runs, {_conditions(study)}, on "
+            f"{m['cores']} cores ({m['cpu']}), torch {m['torch']}, Python {m['python']}. A rerun skips finished runs "
+            "and evaluations.\n"]
 
 
 def _setup(study: dict) -> List[str]:
@@ -148,7 +158,7 @@ def _setup(study: dict) -> List[str]:
          f" = **{budget / 1e12:.2f} TFLOP**.\n",
          "| arm | λ | warmup steps | full steps (aligned + after the stop) | evaluated at total steps |",
          "|---|---|---|---|---|"]
-    for name in study["order"]:
+    for name in study["present"]:
         p, a = study["plans"][name], study["arms"][name]
         full = str(p["steps"]) if p["align_until"] is None else f"{p['steps']} ({p['align_until']} + " \
                                                                    f"{p['steps'] - p['align_until']})"
@@ -171,7 +181,7 @@ def _by_fraction_tables(results: List[dict], study: dict) -> List[str]:
         L += [f"**{title}** (mean ± std over seeds {', '.join(map(str, seeds))}; \"–\": inside the warmup)\n",
               "| arm | " + " | ".join(f"{q * 100:.0f}% ({q * budget / 1e12:.2f} TF)" for q in fracs) + " |",
               "|---|" + "---|" * len(fracs)]
-        for name in study["order"]:
+        for name in study["present"]:
             cells = []
             for q in fracs:
                 g = [r[key] * scale for r in results if r["arm"] == name and round(r["fraction"], 6) == q]
@@ -189,7 +199,7 @@ def _ratio_table(results: List[dict], study: dict) -> List[str]:
          "evaluations; \"≤\": already there at the first evaluation.\n",
          "| arm | to REPA's final FID: FLOPs | seconds | to vanilla's final FID: FLOPs | seconds |",
          "|---|---|---|---|---|"]
-    for name in study["order"]:
+    for name in study["present"]:
         cells = []
         for target in ("repa", "vanilla"):
             if target not in study["present"] or name == target:
@@ -221,6 +231,8 @@ def _sweep_table(results: List[dict], study: dict) -> List[str]:
                  f"{format_ratio(rows) if rows else '–'} | {_pm([r['seconds'] for r in fin], '{:.0f}')} |")
     by_fid = min(best_fid, key=best_fid.get)
     by_reach = min(best_reach, key=best_reach.get)
+    reach = f"**{arms[by_reach]['warmup'] * 100:g}%**" if np.isfinite(best_reach[by_reach][1]) else \
+        "none (no warmup share reached it in every seed)"
     per_seed = []
     for s in seeds:
         f = {n: finals(results, n, [s]) for n in sweep}
@@ -228,8 +240,7 @@ def _sweep_table(results: List[dict], study: dict) -> List[str]:
         if f:
             per_seed.append(f"seed {s}: {arms[min(f, key=f.get)]['warmup'] * 100:g}%")
     L += ["", f"Compute-optimal warmup share, by mean final FID: **{arms[by_fid]['warmup'] * 100:g}%** (best per seed: "
-          f"{'; '.join(per_seed)}); by the compute to reach REPA's final FID: "
-          f"**{arms[by_reach]['warmup'] * 100:g}%**.\n"]
+          f"{'; '.join(per_seed)}); by the compute to reach REPA's final FID: {reach}.\n"]
     return L
 
 
@@ -237,9 +248,9 @@ def _per_seed_table(results: List[dict], study: dict) -> List[str]:
     L = ["## Per seed (final checkpoint)\n",
          "| arm | seed | FID | accuracy % | seconds | final velocity loss | final alignment loss |",
          "|---|---|---|---|---|---|---|"]
-    for name in study["order"]:
+    for name in study["present"]:
         for s in study["seeds"]:
-            cv = curve(results, name, s)
+            cv = finals(results, name, [s])
             if not cv:
                 continue
             lo = study["losses"].get(name, {}).get(str(s)) or {}
