@@ -300,14 +300,21 @@ def digits_reference_features(split: str = "all") -> torch.Tensor:
     return _digits_reference_features(split).clone()
 
 
-@lru_cache(maxsize=2)
-def _digits_reference(split: str):
-    return feature_stats(_digits_reference_features(split))
+@lru_cache(maxsize=8)
+def _digits_reference(split: str, digits: Optional[Tuple[int, ...]] = None):
+    feats = _digits_reference_features(split)
+    if digits is not None:  # a subset of the classes (--data digits:0-4): its own images only
+        from .data.digits import DigitsDataset
+
+        feats = feats[torch.isin(DigitsDataset(size=16, split=split).labels, torch.tensor(digits))]
+    return feature_stats(feats)
 
 
-def digits_reference_stats(split: str = "all") -> Tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the digits feature network on the embedded digits (``all``/``train``/``val``)."""
-    mu, sigma = _digits_reference(split)
+def digits_reference_stats(split: str = "all", digits=None) -> Tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the digits feature network on the embedded digits (``all``/``train``/``val``);
+    ``digits``: only the images of these digits (the reference of a ``--data digits:0-4`` run)."""
+    subset = None if digits is None else tuple(sorted({int(d) for d in digits}))
+    mu, sigma = _digits_reference(split, None if subset == tuple(range(10)) else subset)
     return mu.copy(), sigma.copy()
 
 

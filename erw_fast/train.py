@@ -49,7 +49,15 @@ def _method_flags(g, d, t):
     g.add_argument("--warmup-from", metavar="CKPT", help="ERW: skip the warmup and start full training from this "
                    "warmup checkpoint (one of our runs' end-of-warmup checkpoints, RUN/checkpoints/<warmup steps>.pt, "
                    "or ERW's released 0100000.pt); its blocks set --l2r-depth and the step numbering; its cost is "
-                   "reported as reused, not charged to this run")
+                   "reported as reused, not charged to this run. It may come from another task (other data, "
+                   "classes, channels, patch size, resolution): what fits is carried, the rest starts fresh and is "
+                   "named; see --plan-transfer")
+    g.add_argument("--reuse-labels", choices=("positional", "fresh"), help="--warmup-from when the class names "
+                   "are not known on both sides and the class counts are equal: positional (class i keeps the "
+                   "warmup's row i) or fresh (every class row starts fresh); also overrides matching by name")
+    g.add_argument("--plan-transfer", action="store_true", help="with --warmup-from: print what is carried, what "
+                   "starts fresh and what is refused, per parameter group, and exit (nothing is written; status 2 "
+                   "when the transfer is refused)")
     g.add_argument("--steps", type=int, help=f"full-training (phase-2) steps (default {d['steps']} on digits)")
     g.add_argument("--lambda-schedule", choices=tuple(SCHEDULES),
                    help="λ(k) over phase-2 steps k: halflife λ0·2^(-k/h) (ERW default), exp λ0·exp(-k/τ), "
@@ -110,18 +118,19 @@ def _optimisation_flags(g, d, t):
 
 def _data_and_target_encoder_flags(g, d, t):
     """The "data and target encoder" flags."""
-    g.add_argument("--data", default="digits", help="dataset: digits (default, the embedded handwritten digits), "
+    g.add_argument("--data", default="digits", help="dataset: digits (default, the embedded handwritten digits; "
+                   "digits:0-4 or digits:5,6,7,8,9 a subset of the classes, named by their digits), "
                    "imagefolder:DIR (DIR/<class>/<image>.png, pixel space; a plain DIR of class sub-folders too) "
                    "or a latent dataset folder from `python -m erw_fast.preprocess` (or REPA's images/ + vae-sd/ "
                    "layout); latent runs default to the ImageNet recipe (SiT-XL/2, batch 256, ...)")
-    g.add_argument("--resolution", type=int, choices=(32, 64, 128), help="image folders: side the images are "
-                   "resized and centre-cropped to (default 32)")
+    g.add_argument("--resolution", type=int, help="image folders: side the images are resized and centre-cropped "
+                   "to, a multiple of the model's patch size (default 32; 16 shares the digits' grid)")
     g.add_argument("--hflip", action="store_true", help="image folders: mirror each training sample left-right "
                    "with probability 1/2, drawn per (seed, step, sample)")
-    g.add_argument("--encoder", default="digits-cnn", help="target encoder(s), comma-separated: digits-cnn "
-                   "(default on digits: the embedded encoder, 8x8 tokens for 16x16 images), dinov2-vit-{s,b,l,g} "
-                   "or dinov2-vit-{s,b,l,g}_reg (default dinov2-vit-b on latent data and image folders); none "
-                   "with --method vanilla")
+    g.add_argument("--encoder", help="target encoder(s), comma-separated: digits-cnn "
+                   "(default on digits: the embedded encoder, a token per 2x2 pixels; it also reads image folders, as "
+                   "grey), dinov2-vit-{s,b,l,g} or dinov2-vit-{s,b,l,g}_reg (default dinov2-vit-b on latent data and "
+                   "image folders); none with --method vanilla. A value given is never replaced")
     g.add_argument("--encoder-path", help="local target-encoder weights: a transformers save_pretrained folder "
                    "(facebook/dinov2-*) or a torch.hub clone of facebookresearch/dinov2 (default: the Hugging Face "
                    "or torch hub cache, downloaded when online)")
@@ -214,8 +223,23 @@ def exit_status(result) -> int:
     return 3
 
 
+def print_transfer_plan(config: TrainConfig) -> int:
+    """``--plan-transfer``: the plan on stdout; 0 when the transfer can run, 2 when it is refused."""
+    from .engine.run import transfer_plan
+
+    plan, cfg = transfer_plan(config)
+    print(f"transfer plan: --warmup-from {cfg.warmup_from} (L={cfg.l2r_depth}) into {cfg.model} on {cfg.data}")
+    print(plan.table())
+    if plan.refusals:
+        print(f"refused: {'; '.join(plan.refusals)}")
+        return 2
+    return EXIT_OK
+
+
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
+    if args.plan_transfer:
+        return print_transfer_plan(config_from_args(args))
     try:
         return exit_status(train(config_from_args(args)))
     finally:

@@ -67,7 +67,7 @@ def _erw_warmup_file(tmp_path, qk_norm=True, projector_dim=256):
 
 def test_erw_release_warmup_transfers_into_a_rope_model(tmp_path, capsys):
     path, sd = _erw_warmup_file(tmp_path)
-    res = train(cfg(tmp_path, "from-erw", warmup_from=path, qk_norm=True, steps=2))
+    res = train(cfg(tmp_path, "from-erw", warmup_from=path, qk_norm=True, steps=2, reuse_labels="positional"))
     assert res.status == "finished" and res.steps == 100_002
     assert "trained without RoPE" in capsys.readouterr().err
     first = torch.load(res.checkpoint, weights_only=True)
@@ -75,10 +75,14 @@ def test_erw_release_warmup_transfers_into_a_rope_model(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,match", [
-    (["--no-qk-norm"], r"QK-norm: warmup on vs this run off \(--qk-norm\)"),
-    (["--qk-norm", "--projector-dim", "128"], r"projector width: warmup 256 vs this run 128 \(--projector-dim\)"),
+    (["--no-qk-norm", "--reuse-labels", "positional"], r"QK-norm: warmup on vs this run off \(--qk-norm\)"),
+    (["--qk-norm"], r"label rows: the warmup and this run both have 10 classes but no names.*--reuse-labels "
+                    r"positional"),
+    (["--qk-norm", "--reuse-labels", "positional", "--model", "SiT-T/2"], r"width: warmup 96 vs this run 192 "
+                                                                           r"\(--model\)"),
     (["--qk-norm", "--l2r-depth", "3"], r"--l2r-depth 3.*trained 2 blocks"),
     (["--qk-norm", "--warmup-steps", "5"], "leave out --warmup-steps"),
+    (["--reuse-labels", "fresh", "--warmup-from", ""], "--reuse-labels .* needs --warmup-from"),
     (["--qk-norm", "--method", "repa"], "needs --method erw"),
     (["--qk-norm", "--steps", "0"], "nothing to train"),
 ])

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, ru
 
 import torch
 
-from .digits import DigitsData, DigitsDataset, digits_arrays, load_digits
+from .digits import DigitsData, DigitsDataset, digit_classes, digits_arrays, is_digits, load_digits
 from .imagefolder import (DEFAULT_RESOLUTION, ImageFolderData, ImageFolderError, image_folder_path,
                           write_reference_npz)
 from .latents import LatentData, LatentDataset, sample_posterior
@@ -71,13 +71,16 @@ register_train_data("digits", lambda device: DigitsData(device, size=16))
 
 
 def load_train_data(name: str, device, resolution: Optional[int] = None, hflip: bool = False) -> TrainData:
-    """A registered dataset (``digits``: the embedded one, on ``device``), an image folder
+    """A registered dataset (``digits``: the embedded one, on ``device``; ``digits:0-4``: a subset of
+    its classes, see ``data.digits``), an image folder
     (``imagefolder:DIR`` or a DIR of class sub-folders: pixels at ``resolution``, default 32, on
     ``device``, mirrored per sample when ``hflip``) or a latent dataset folder (shards from ``python -m
     erw_fast.preprocess`` or REPA's layout; read per batch on the host). ``resolution`` and ``hflip``
     apply to image folders only (the training config refuses them elsewhere)."""
     if name in TRAIN_DATA:
         return TRAIN_DATA[name](device)
+    if is_digits(name):  # digits:<classes>, a subset of the embedded digits
+        return DigitsData(device, size=16, classes=digit_classes(name))
     folder = image_folder_path(name)
     if folder is not None:
         return ImageFolderData(folder, device, resolution=resolution or DEFAULT_RESOLUTION, hflip=hflip)
@@ -104,5 +107,5 @@ def class_names_of(data, recorded: Optional[Sequence[str]] = None) -> Optional[L
 
 __all__ = ["DigitsData", "DigitsDataset", "ImageFolderData", "ImageFolderError", "LatentData", "LatentDataError",
            "LatentDataset", "LatentShards", "RepaLayout", "TRAIN_DATA", "TrainData", "class_names_of",
-           "digits_arrays", "image_folder_path", "load_digits", "load_train_data", "open_latents",
+           "digit_classes", "digits_arrays", "image_folder_path", "is_digits", "load_digits", "load_train_data", "open_latents",
            "register_train_data", "sample_posterior", "write_reference_npz"]

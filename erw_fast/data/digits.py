@@ -3,6 +3,11 @@
 The 8x8 originals (values 0..16) ship inside the package (``assets/digits.npz``, 45 KB, CC BY 4.0,
 see ``assets/DIGITS_LICENSE.txt``); they are resized to 16x16 with bilinear interpolation, one
 channel, pixel space scaled to [-1, 1].
+
+``--data digits`` is all ten classes; ``--data digits:0-4`` or ``digits:5,6,7,8,9`` a subset of them
+(``digit_classes``): the subset's images only, label k = the k-th digit of the subset in increasing
+order, and the class names stay the real digits ("5".."9"), so a warmup on one subset and a run on
+another match their label rows by name and the digits classifier scores class k as its real digit.
 """
 from __future__ import annotations
 
@@ -15,6 +20,38 @@ import torch.nn.functional as F
 
 ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits.npz")
 NUM_CLASSES = 10
+PREFIX = "digits"
+
+
+def is_digits(spec) -> bool:
+    """``digits`` or ``digits:<classes>`` (the embedded dataset or a subset of its classes)."""
+    return isinstance(spec, str) and (spec == PREFIX or spec.startswith(PREFIX + ":"))
+
+
+def digit_classes(spec: str) -> tuple:
+    """The digits a ``--data digits[:...]`` value selects, in increasing order: ``digits`` → 0..9,
+    ``digits:0-4`` → 0..4, ``digits:7,1,3`` → 1, 3, 7 (ranges and lists can be mixed)."""
+    if spec == PREFIX:
+        return tuple(range(NUM_CLASSES))
+    text = spec[len(PREFIX) + 1:]
+    picked = set()
+    try:
+        for part in (p.strip() for p in text.split(",")):
+            lo, _, hi = part.partition("-")
+            lo, hi = int(lo), int(hi or lo)
+            if not 0 <= lo <= hi < NUM_CLASSES:
+                raise ValueError
+            picked.update(range(lo, hi + 1))
+    except ValueError:
+        raise ValueError(f"--data {spec}: give the digits as a list or ranges of 0..9, e.g. digits:0-4 or "
+                         "digits:5,6,7,8,9") from None
+    return tuple(sorted(picked))
+
+
+def class_digits(class_names) -> list:
+    """The real digit of each class of a digits run (its class names, "0".."9"); the full set when the
+    names are not recorded (runs made before the names were)."""
+    return [int(n) for n in class_names] if class_names else list(range(NUM_CLASSES))
 
 
 @lru_cache(maxsize=1)
@@ -74,11 +111,20 @@ class DigitsData:
     channels = 1
     num_classes = NUM_CLASSES
 
-    def __init__(self, device="cpu", size: int = 16):
+    def __init__(self, device="cpu", size: int = 16, classes=None):
+        """``classes``: the digits to keep (default all ten); label k = the k-th of them."""
         x, y = load_digits(size)
+        self.digits = tuple(range(NUM_CLASSES)) if classes is None else tuple(sorted(int(c) for c in classes))
+        if self.digits != tuple(range(NUM_CLASSES)):
+            keep = torch.isin(y, torch.tensor(self.digits))
+            lookup = torch.full((NUM_CLASSES,), -1, dtype=torch.long)
+            lookup[list(self.digits)] = torch.arange(len(self.digits))
+            x, y = x[keep].contiguous(), lookup[y[keep]]
         self._host = (x, y)
         self.images, self.labels = x.to(device), y.to(device)
         self.input_size = size
+        self.num_classes = len(self.digits)
+        self.class_names = [str(d) for d in self.digits]
 
     def __len__(self):
         return len(self.labels)

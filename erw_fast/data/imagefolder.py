@@ -26,7 +26,8 @@ dataset: no ``index.json``, ``shard-*`` files or ``vae-sd/``) reads::
 
 Bad input raises ``ImageFolderError`` (a ``ValueError``) naming the folder, the file or the flag,
 before a run folder exists: a missing or empty folder, no class sub-folders, a class folder without
-images, a class with a single image, ``--resolution`` outside 32/64/128, and unreadable or truncated
+images, a class with a single image, ``--resolution`` below 8 (the training config also asks for a
+multiple of the model's patch size), and unreadable or truncated
 images — all of those are listed in one error rather than skipped, since skipping would silently
 change the class balance and the sample order of a run.
 """
@@ -44,7 +45,7 @@ from ..utils.seeding import STREAM_HFLIP, mix_seed
 from .shards import IMAGE_EXTS
 
 PREFIX = "imagefolder:"
-RESOLUTIONS = (32, 64, 128)
+MIN_RESOLUTION = 8          # the training config also asks for a multiple of the model's patch size
 DEFAULT_RESOLUTION = 32
 MIN_IMAGES_PER_CLASS = 2
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F")
@@ -225,8 +226,8 @@ def _unify_channels(results):
 
 def load_image_folder(root: str, resolution: int = DEFAULT_RESOLUTION, workers: Optional[int] = None):
     """``(images uint8 (N, C, R, R), labels int64 (N,), class names, files, notes)`` of ``root``."""
-    if isinstance(resolution, bool) or resolution not in RESOLUTIONS:
-        raise ImageFolderError(f"--resolution {resolution}: use one of {', '.join(map(str, RESOLUTIONS))} "
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
+        raise ImageFolderError(f"--resolution {resolution}: use a whole number of pixels >= {MIN_RESOLUTION} "
                                f"(image-folder data)")
     files, labels, classes = list_classes(root)
     results = _read_all(root, files, resolution, workers or min(8, os.cpu_count() or 1))

@@ -46,7 +46,8 @@ class DigitsCNN(nn.Module):
 
 
 class DigitsEncoder(TargetEncoder):
-    """TargetEncoder over ``DigitsCNN``: images (B, 1, S, S) in [-1, 1] → (B, (S/2)^2, width)."""
+    """TargetEncoder over ``DigitsCNN``: images (B, 1, S, S) in [-1, 1] → (B, (S/2)^2, width). An image
+    folder's input, uint8 (B, 3, S, S), is scaled to [-1, 1] and made grey first."""
 
     name = "digits-cnn"
 
@@ -58,6 +59,10 @@ class DigitsEncoder(TargetEncoder):
         self.token_grid = input_size // 2
 
     def encode(self, images):
+        if images.dtype == torch.uint8:  # an image folder's encoder input: uint8 RGB (grey repeated)
+            images = images.float() / 127.5 - 1.0
+        if images.shape[1] == 3 and self.net.config["in_channels"] == 1:  # colour → grey (ITU-R 601-2 luma)
+            images = (images * images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
         if images.shape[-1] != self.input_size or images.shape[-2] != self.input_size:
             images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
                                    align_corners=False)

@@ -181,6 +181,9 @@ class WarmupSource:
     rope: object            # True / False / None (unknown)
     warmup_cost: object     # ours: the warmup_cost record; ERW's: None
     model_config: object
+    class_names: object = None   # the warmup run's class names (None: unknown)
+    encoder: object = None       # the warmup run's target encoder(s) (None: unknown)
+    data: object = None          # the warmup run's --data (None: unknown)
 
 
 def read_warmup_source(path: str) -> WarmupSource:
@@ -206,4 +209,4 @@ def read_warmup_source(path: str) -> WarmupSource:
     steps = int(ckpt.get("steps", 0)) if isinstance(ckpt, dict) else 0
     return WarmupSource(path, {k: v for k, v in sd.items() if not k.startswith("feat_rope.")}, steps,
                         warmup_depth(sd), None if rope is None else bool(rope), ckpt.get("warmup_cost"),
-                        args.get("model_config"))
+                        args.get("model_config"), args.get("class_names"), args.get("encoder"), args.get("data"))

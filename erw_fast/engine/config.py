@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
+from ..data.digits import is_digits
 from ..data.imagefolder import image_folder_path
 from ..method.alignment import ALIGNMENT_LOSSES
 from ..method.recipes import MODEL_DEFAULTS, get_method, model_defaults  # noqa: F401  (re-exported)
@@ -22,19 +23,20 @@ DATA_DEFAULTS = {
     "digits": dict(
         model="SiT-D/2", warmup_steps=200, steps=700, batch_size=64, lr=1e-3, ema_decay=0.99,
         half_life=400, projector_dim=256, sample_every=0, ckpt_every=0, sample_steps=30,
-        sampler="sde", cfg_scale=2.0, guidance_high=1.0, samples_per_class=10, log_every=10,
+        sampler="sde", cfg_scale=2.0, guidance_high=1.0, samples_per_class=10, log_every=10, encoder="digits-cnn",
     ),
     # a folder of class-labelled images in pixel space (a few thousand images at 32 px, one GPU)
     "imagefolder": dict(
         model="SiT-S/2", warmup_steps=5_000, steps=20_000, batch_size=64, lr=1e-4, ema_decay=0.9995,
         half_life=4_000, projector_dim=2048, sample_every=2_000, ckpt_every=5_000, sample_steps=50,
         sampler="sde", cfg_scale=2.0, guidance_high=1.0, samples_per_class=8, log_every=50, resolution=32,
+        encoder="dinov2-vit-b",
     ),
     # the REPA/ERW ImageNet recipe (256-px SD-VAE latents)
     "latents": dict(
         model="SiT-XL/2", warmup_steps=100_000, steps=400_000, batch_size=256, lr=1e-4, ema_decay=0.9999,
         half_life=50_000, projector_dim=2048, sample_every=10_000, ckpt_every=50_000, sample_steps=250,
-        sampler="sde", cfg_scale=1.0, guidance_high=1.0, samples_per_class=1, log_every=100,
+        sampler="sde", cfg_scale=1.0, guidance_high=1.0, samples_per_class=1, log_every=100, encoder="dinov2-vit-b",
     ),
 }
 
@@ -47,18 +49,21 @@ class TrainConfig:
 
     method: str = "erw"
     model: Optional[str] = None
-    data: str = "digits"
-    encoder: str = "digits-cnn"            # on latent data "digits-cnn" becomes dinov2-vit-b
+    data: str = "digits"                    # digits, digits:<classes> (e.g. digits:0-4), imagefolder:DIR or a latent DIR
+    encoder: Optional[str] = None           # default per dataset: digits-cnn (digits), dinov2-vit-b (others); an
+                                            # explicit value is never replaced
     encoder_path: Optional[str] = None      # local weights for the target encoder (DINOv2: HF folder or hub repo)
     encoder_source: str = "auto"            # DINOv2 loading route: auto | transformers | hub
     features: str = "online"                # online (run the encoder) | precomputed (extract_features shards;
                                             # the digits: extracted once in memory at the start)
-    resolution: Optional[int] = None        # image folders: side the images are centre-cropped to (32/64/128)
+    resolution: Optional[int] = None        # image folders: side the images are centre-cropped to (a multiple of
+                                            # the patch size; default 32)
     hflip: bool = False                     # image folders: mirror each sample with p = 1/2, seeded per (seed, step, sample)
     class_names: Optional[Tuple[str, ...]] = None  # set from the data (image folders' sorted sub-folders), not a flag
     out: str = "runs/erw-digits"
     resume: Optional[str] = None           # None, "auto" (latest in out/checkpoints) or a path
     warmup_from: Optional[str] = None      # ERW: skip phase 1, transfer from this warmup checkpoint
+    reuse_labels: Optional[str] = None     # --warmup-from without class names on both sides: positional | fresh
     # method
     l2r_depth: Optional[int] = None
     encoder_depth: Optional[int] = None
@@ -144,7 +149,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     names its flag)."""
     c = dataclasses.replace(cfg)
     method = get_method(c.method)
-    data_key = "digits" if c.data == "digits" else ("imagefolder" if image_folder_path(c.data) else "latents")
+    data_key = "digits" if is_digits(c.data) else ("imagefolder" if image_folder_path(c.data) else "latents")
     if data_key != "imagefolder" and (c.resolution is not None or c.hflip):
         raise ValueError(f"--resolution / --hflip apply to image folders (--data imagefolder:DIR), not --data {c.data}")
     for k, v in DATA_DEFAULTS[data_key].items():
@@ -157,8 +162,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for k, v in model_defaults(size, depth).items():
         if getattr(c, k) is None:
             setattr(c, k, v)
-    if c.data != "digits" and c.encoder == "digits-cnn":
-        c.encoder = "dinov2-vit-b"  # the embedded digits encoder cannot read ImageNet-style images
+    _check_resolution(c)
     if c.lambda_schedule is None:
         c.lambda_schedule = method.schedule
     c.ckpt_at = tuple(sorted({int(v) for v in (c.ckpt_at or ())}))
@@ -176,7 +180,24 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _check_resolution(c: TrainConfig):
+    """Image folders: any side that the model's patch divides (the token grid is resolution / patch)."""
+    if c.resolution is None:
+        return
+    patch = int(c.model.rsplit("/", 1)[1])
+    if isinstance(c.resolution, bool) or not isinstance(c.resolution, int) or c.resolution < patch \
+            or c.resolution % patch:
+        raise ValueError(f"--resolution {c.resolution}: use a multiple of {c.model}'s patch size {patch} (e.g. "
+                         f"{max(16, 2 * patch)}, 32 or 64), so that the images cut into whole patches")
+
+
 def _check_choices(c: TrainConfig):
+    from ..method.transfer import REUSE_LABELS
+
+    if c.reuse_labels is not None and c.reuse_labels not in REUSE_LABELS:
+        raise ValueError(f"--reuse-labels {c.reuse_labels!r}: use one of {', '.join(REUSE_LABELS)}")
+    if c.reuse_labels is not None and not c.warmup_from:
+        raise ValueError("--reuse-labels says how a reused warmup's label rows carry: it needs --warmup-from CKPT")
     if c.features not in ("online", "precomputed"):
         raise ValueError(f"--features {c.features!r}: use 'online' or 'precomputed'")
     if c.features == "precomputed" and image_folder_path(c.data):
@@ -266,7 +287,7 @@ def _check_eval(c: TrainConfig):
     if c.eval_samples < 2 or c.eval_batch < 1:
         raise ValueError(f"--eval-samples must be >= 2 (FID) and --eval-batch >= 1, got {c.eval_samples}, "
                          f"{c.eval_batch}")
-    if c.data != "digits":
+    if not is_digits(c.data):
         import os
 
         for flag, path in (("--inception", c.inception), ("--eval-ref", c.eval_ref)):

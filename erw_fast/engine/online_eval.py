@@ -44,15 +44,21 @@ def _gather(arr, labels, indices, world: int, share: bool):
 
 def _score(run, arr, labels) -> dict:
     from ..evaluation.samples import reference_stats
-    from ..metrics import classifier_accuracy, compute_features, feature_stats, frechet_distance, get_feature_network
+    from ..data.digits import class_digits, is_digits
+    from ..metrics import (classifier_accuracy, compute_features, digits_reference_stats, feature_stats,
+                           frechet_distance, get_feature_network)
 
     cfg = run.cfg
-    name = "digits" if cfg.data == "digits" else "inception"  # latent data and image folders: --inception
+    name = "digits" if is_digits(cfg.data) else "inception"  # latent data and image folders: --inception
     net = get_feature_network(name, cfg.inception if name == "inception" else None)
-    ref = reference_stats(net, cfg.eval_ref if name == "inception" else None)
+    if name == "digits":  # a subset of the digits (digits:0-4): its own images, class k scored as its digit
+        digits = class_digits(cfg.class_names)
+        ref = digits_reference_stats(digits=digits)
+    else:
+        ref = reference_stats(net, cfg.eval_ref)
     out = {"fid": frechet_distance(*feature_stats(compute_features(arr, net)), *ref)}
     if name == "digits":
-        out["sample_accuracy"] = classifier_accuracy(arr, labels, net)
+        out["sample_accuracy"] = classifier_accuracy(arr, np.asarray(digits)[np.asarray(labels)], net)
     return out
 
 

@@ -13,12 +13,12 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from ..method.recipes import PHASE_TRAIN, PHASE_WARMUP, MethodSpec, get_method
-from ..method.transfer import transfer_warmup, warmup_mismatches
+from ..method.transfer import TransferPlan, apply_transfer, plan_transfer, transfer_warmup
 from ..models.sit import SiT
 from ..utils.distributed import Dist, barrier, setup_distributed
 from ..utils.progress import RunProgress
@@ -225,20 +225,42 @@ def _check_resume_weights(cfg: TrainConfig, data, encoders, ckpt: dict, path: st
                          f"mismatches; first: {what})")
 
 
-def _fitting_model(cfg: TrainConfig, data, encoders, warm):
-    """The full model of a ``--warmup-from`` run, checked against the reused warmup before anything
-    is written: every mismatch names both shapes and the flag to change."""
+def warmup_plan(cfg: TrainConfig, data, encoders, warm) -> Tuple[SiT, TransferPlan]:
+    """This run's full model and the plan of transferring the reused warmup into it (nothing written)."""
     model = build_net(cfg, data, [e.dim for e in encoders], warm=False)
-    problems = warmup_mismatches(warm.state_dict, model)
-    heads = (warm.model_config or {}).get("num_heads")  # not in the shapes: known when our run recorded it
-    if heads is not None and heads != model.num_heads:
-        problems.append(f"attention heads: warmup {heads} vs this run {model.num_heads} (--model)")
-    if problems:
-        raise ValueError(f"--warmup-from {warm.path} does not fit this run: " + "; ".join(problems))
-    return model
+    encoder = cfg.encoder if get_method(cfg.method).needs_encoder else None
+    plan = plan_transfer(warm.state_dict, model, warm_classes=warm.class_names, classes=cfg.class_names,
+                         warm_config=warm.model_config, warm_encoder=warm.encoder, encoder=encoder,
+                         reuse_labels=cfg.reuse_labels, same_data=warm.data is not None and warm.data == cfg.data)
+    return model, plan
 
 
-def _run_phases(run: Run, ckpt: Optional[dict], warm=None, full: Optional[SiT] = None) -> str:
+def transfer_plan(config: TrainConfig) -> Tuple[TransferPlan, TrainConfig]:
+    """(the plan, the resolved settings) of ``config``'s ``--warmup-from`` transfer, as a run with these
+    settings would make it; nothing is trained or written (``python -m erw_fast.train --plan-transfer``)."""
+    if not config.warmup_from:
+        raise ValueError("--plan-transfer shows how --warmup-from CKPT transfers: give --warmup-from")
+    from ..data import class_names_of, load_train_data
+    from ..utils.distributed import pick_device
+
+    config, warm = _with_warmup_source(config)
+    cfg = resolve_config(config)
+    device = pick_device(cfg.device)
+    data = load_train_data(cfg.data, device, resolution=cfg.resolution, hflip=cfg.hflip)
+    cfg.class_names = class_names_of(data)
+    return warmup_plan(cfg, data, load_encoders(cfg, data, device), warm)[1], cfg
+
+
+def _fitting_model(cfg: TrainConfig, data, encoders, warm) -> Tuple[SiT, TransferPlan]:
+    """The full model of a ``--warmup-from`` run and its transfer plan, checked before anything is
+    written: what must match and does not is refused in one line naming both values and the flag."""
+    model, plan = warmup_plan(cfg, data, encoders, warm)
+    if plan.refusals:
+        raise ValueError(f"--warmup-from {warm.path} does not fit this run: " + "; ".join(plan.refusals))
+    return model, plan
+
+
+def _run_phases(run: Run, ckpt: Optional[dict], warm=None, full: Optional[Tuple[SiT, TransferPlan]] = None) -> str:
     cfg, state = run.cfg, run.state
     z_dims = [e.dim for e in run.encoders]
     warm_model = None
@@ -249,16 +271,16 @@ def _run_phases(run: Run, ckpt: Optional[dict], warm=None, full: Optional[SiT] =
         if status != "finished" or cfg.steps == 0:  # --steps 0: a warmup-only run ends with its checkpoint
             return status
         state.phase, state.phase_step, state.phase_seconds = PHASE_TRAIN, 0, 0.0
-    model = full if full is not None else build_net(cfg, run.data, z_dims, warm=False)
+    model = full[0] if full is not None else build_net(cfg, run.data, z_dims, warm=False)
     if ckpt is None and warm_model is not None:
         _transfer(run, plain_state_dict(warm_model), model, warm_model.config())
         del warm_model
     elif ckpt is None and warm is not None:
-        _reuse(run, warm, model)
+        _reuse(run, warm, model, full[1])
     return run_phase(run, PHASE_TRAIN, model, ckpt)
 
 
-def _reuse(run: Run, warm, model: SiT):
+def _reuse(run: Run, warm, model: SiT, plan: TransferPlan):
     """Transfer from a reused warmup; its cost is recorded as reused, not charged to this run."""
     if warm.rope is not None and warm.rope != run.cfg.rope:
         run.bar.message(f"note: the warmup in {warm.path} was trained {'with' if warm.rope else 'without'} RoPE; "
@@ -266,17 +288,27 @@ def _reuse(run: Run, warm, model: SiT):
     cost = warm.warmup_cost or {}
     reused = dict(source=warm.path, steps=warm.steps, flops_total=cost.get("flops_total"),
                   seconds=cost.get("seconds"), charged=False)
-    _transfer(run, warm.state_dict, model, warm.model_config, reused=reused)
+    _transfer(run, warm.state_dict, model, warm.model_config, reused=reused, plan=plan)
     run.log.write({"event": "warmup_reused", **reused})
 
 
-def _transfer(run: Run, warm_state: dict, model: SiT, warm_config, reused: Optional[dict] = None):
+def _transfer(run: Run, warm_state: dict, model: SiT, warm_config, reused: Optional[dict] = None,
+              plan: Optional[TransferPlan] = None):
+    """The warmup's weights into the full model: all of them (this run's own warmup), or what
+    ``plan`` carries (a reused warmup); recorded as the ``transfer`` event and in the checkpoints."""
     cfg = run.cfg
-    keys = transfer_warmup(warm_state, model)
+    keys = transfer_warmup(warm_state, model) if plan is None else apply_transfer(plan, warm_state, model)
     run.state.transfer = dict(from_step=cfg.warmup_steps, num_keys=len(keys), keys=keys, l2r_depth=cfg.l2r_depth,
                               warm_model_config=warm_config, full_model_config=model.config())
+    if plan is not None:
+        run.state.transfer.update(plan.record())
     if reused:
         run.state.transfer["reused_warmup"] = reused
     run.log.write({"event": "transfer", **run.state.transfer})
-    run.bar.message(f"transfer: copied {len(keys)} tensors (embedders, pos_embed, blocks 0..{cfg.l2r_depth - 1}, "
-                    f"projectors) from warmup step {cfg.warmup_steps}; fresh optimizer, EMA reset")
+    note = plan.note() if plan is not None else None
+    what = "what fits; the note names the rest" if note else \
+        f"embedders, pos_embed, blocks 0..{cfg.l2r_depth - 1}, projectors"
+    run.bar.message(f"transfer: copied {len(keys)} tensors ({what}) from warmup step {cfg.warmup_steps}; fresh "
+                    "optimizer, EMA reset")
+    if note:
+        run.bar.message(f"note: {note}")

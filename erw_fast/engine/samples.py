@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ..data.digits import is_digits
 from ..utils.distributed import barrier
 
 from ..utils.seeding import GRID_SEED_OFFSET
@@ -45,7 +46,7 @@ def sample_and_save(cfg, ema_model, data, device, step: int, amp: bool, main: bo
             log.image("samples/grid", grid, step)
             result.samples_png = os.path.join(cfg.out, "samples.png")
         rec = {"event": "samples", "step": step, "path": path, "seconds": time.time() - t0}
-        acc = digit_accuracy(imgs, data.num_classes, cfg.samples_per_class) if cfg.data == "digits" else None
+        acc = digit_accuracy(imgs, data.digits, cfg.samples_per_class) if is_digits(cfg.data) else None
         if acc is not None:
             rec["sample_accuracy"] = acc
             result.summary["sample_accuracy"] = acc
@@ -53,15 +54,15 @@ def sample_and_save(cfg, ema_model, data, device, step: int, amp: bool, main: bo
     barrier(world)
 
 
-def digit_accuracy(imgs, num_classes, per_class) -> Optional[float]:
-    """Fraction of a class-major grid that the project's independent digits classifier reads as the
-    requested digit (None when the classifier is not available)."""
+def digit_accuracy(imgs, digits, per_class) -> Optional[float]:
+    """Fraction of a class-major grid (class k: the digit ``digits[k]``) that the project's independent
+    digits classifier reads as the requested digit (None when the classifier is not available)."""
     try:
         from ..evaluation.digits_classifier import predict
     except Exception:
         return None
     try:
-        labels = torch.arange(num_classes).repeat_interleave(per_class)
+        labels = torch.as_tensor(list(digits)).repeat_interleave(per_class)
         return float((predict(imgs) == labels).float().mean())
     except Exception:
         return None

@@ -98,16 +98,33 @@ def load_reference(path: str) -> dict:
     return {"images": images, "mu": mu, "sigma": sigma}
 
 
-def reference(net, ref: Optional[str], features: bool = True):
+def checkpoint_digits(ckpt: str) -> list:
+    """The real digit of each class of a digits checkpoint (its recorded class names: a ``--data
+    digits:5-9`` run's class 0 is a 5); 0..9 when none are recorded."""
+    from ..data.digits import class_digits
+    from ..models.checkpoint import _args_dict, read_checkpoint
+
+    raw = read_checkpoint(checkpoint_path(ckpt, quiet=True))
+    names = _args_dict(raw.get("args")).get("class_names") if isinstance(raw, dict) else None
+    return class_digits(names)
+
+
+def reference(net, ref: Optional[str], features: bool = True, digits=None):
     """(mu, sigma, features or None) of the reference for ``net``: ``ref``'s ``mu``/``sigma`` when it
     has them (as ADM: FID against the file's statistics), else those of its ``arr_0`` images;
     features of its ``arr_0`` images (precision/recall; None without images, or with ``features=False``
-    when the file has ``mu``/``sigma``). No ``ref``: the embedded digits (digits network only)."""
+    when the file has ``mu``/``sigma``). No ``ref``: the embedded digits (digits network only; only
+    the images of ``digits`` when given, the reference of a ``digits:0-4`` run)."""
     if ref is None:
         if net.name != "digits":
             raise ValueError("--ref REF.npz is required for feature networks other than 'digits'")
-        mu, sigma = digits_reference_stats()
-        return mu, sigma, digits_reference_features() if features else None
+        mu, sigma = digits_reference_stats(digits=digits)
+        feats = digits_reference_features() if features else None
+        if feats is not None and digits is not None and len(set(digits)) < DIGITS_CLASSES:
+            from ..data.digits import DigitsDataset
+
+            feats = feats[torch.isin(DigitsDataset(size=16).labels, torch.tensor(list(digits)))]
+        return mu, sigma, feats
     r = load_reference(ref)
     feats = None
     if r["images"] is not None and (features or r["mu"] is None):
@@ -155,16 +172,17 @@ def _score_pr(ref_feats, feats, ref: Optional[str], device, notes: list):
 
 
 def evaluate_samples(arr: np.ndarray, labels=None, feature_net: str = "digits", net_path: Optional[str] = None,
-                     ref: Optional[str] = None, device="cpu", source: str = "samples") -> dict:
+                     ref: Optional[str] = None, device="cpu", source: str = "samples", digits=None) -> dict:
     """FID, Inception Score (10 splits) and precision/recall (k = 3, against the reference images) of
-    uint8 (N, H, W, C) samples, and digits conditional accuracy when labels are given; ``source``
-    names them in errors. A metric that cannot be computed is None, with the reason in ``warning``."""
+    uint8 (N, H, W, C) samples, and digits conditional accuracy when labels are given (real digits);
+    ``digits``: the digits reference holds only these; ``source`` names the samples in errors. A
+    metric that cannot be computed is None, with the reason in ``warning``."""
     if len(arr) < 2:
         raise ValueError(f"{source}: FID needs at least 2 samples, got {len(arr)}")
     if feature_net == "digits":  # before loading the network: refuse what it cannot score
         check_digits_input(arr, labels, source)
     net = get_feature_network(feature_net, net_path, device)
-    mu_r, sigma_r, ref_feats = reference(net, ref)
+    mu_r, sigma_r, ref_feats = reference(net, ref, digits=digits)
     feats, probs = compute_features_and_probs(arr, net)
     mu, sigma = feature_stats(feats)
     if np.shape(mu_r) != mu.shape:
@@ -189,7 +207,8 @@ def sample_for_evaluation(ckpt: str, num_samples: int, *, weights: str = "ema", 
                           batch_size: int = 250, device="cpu", save_npz: Optional[str] = None,
                           show_progress: bool = False, feature_net: Optional[str] = None):
     """uint8 samples (all classes, cycled) and labels of a pixel-space checkpoint (a file or a run folder).
-    ``feature_net="digits"`` refuses, before sampling, a model whose samples it could not score."""
+    ``feature_net="digits"`` refuses, before sampling, a model whose samples it could not score, and
+    returns the labels as real digits (a ``digits:5-9`` model's class 0 is labelled 5)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if num_samples < 2:
@@ -209,6 +228,8 @@ def sample_for_evaluation(ckpt: str, num_samples: int, *, weights: str = "ema", 
     arr, labels = generate(model, range(num_samples), shape, parse_classes(None, model.num_classes),
                            seed=seed, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                            guidance_interval=interval, batch_size=batch_size, show_progress=show_progress)
+    if feature_net == "digits":
+        labels = np.asarray(checkpoint_digits(ckpt))[np.asarray(labels)]
     if save_npz:
         np.savez(save_npz, arr_0=arr, labels=labels)
     return arr, labels
@@ -233,8 +254,9 @@ def evaluate(npz: Optional[str] = None, ckpt: Optional[str] = None, *, feature_n
             guidance_interval=guidance_interval, seed=seed, batch_size=batch_size, device=device,
             save_npz=save_npz, show_progress=show_progress, feature_net=feature_net)
     net_path = inception if feature_net == "inception" else None
+    digits = checkpoint_digits(ckpt) if ckpt and feature_net == "digits" else None
     result = evaluate_samples(arr, labels, feature_net, net_path, ref,
-                              device="cpu" if feature_net == "digits" else device, source=source)
+                              device="cpu" if feature_net == "digits" else device, source=source, digits=digits)
     if ckpt:
         result.update(ckpt=ckpt, weights=weights, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                       guidance_interval=list(parse_interval(guidance_interval)), seed=seed)

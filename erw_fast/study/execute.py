@@ -123,8 +123,10 @@ def extraction_seconds(folder: str) -> float:
 
 
 def evaluate_checkpoint(cfg: StudyConfig, path: str, ref_stats, extra_seconds: float = 0.0) -> dict:
-    """FID and classifier accuracy of the checkpoint's EMA model; ``seconds``: its training wall clock
-    (extraction and warmup included)."""
+    """FID and classifier accuracy of the checkpoint's EMA model (class k scored as the digit its class
+    name says: a digits:5-9 run's class 0 is a 5); ``seconds``: its training wall clock (extraction and
+    warmup included)."""
+    from ..data.digits import class_digits
     from ..engine.checkpoint import read_training_checkpoint
     from ..metrics import classifier_accuracy, compute_features, feature_stats, frechet_distance, get_feature_network
     from ..models.checkpoint import load_checkpoint
@@ -141,20 +143,24 @@ def evaluate_checkpoint(cfg: StudyConfig, path: str, ref_stats, extra_seconds: f
     wc = ckpt.get("warmup_cost") or {}
     seconds = float(ckpt.get("phase_seconds", 0.0)) + extra_seconds + \
         (float(wc.get("seconds", 0.0)) if ckpt["phase"] == "train" else 0.0)
-    return dict(fid=frechet_distance(mu, sigma, *ref_stats), accuracy=classifier_accuracy(arr, labels, net),
+    digits = np.asarray(class_digits(ckpt["args"].get("class_names")))
+    return dict(fid=frechet_distance(mu, sigma, *ref_stats), accuracy=classifier_accuracy(arr, digits[labels], net),
                 seconds=seconds)
 
 
 def evaluate_run(cfg: StudyConfig, plan: RunPlan, seed: int, flops: Dict[str, float], folder: str) -> List[dict]:
     """Evaluate the run's planned checkpoints that ``<run>/evals.jsonl`` does not hold yet; returns all."""
+    from ..data.digits import class_digits
     from ..engine.checkpoint import checkpoint_path
     from ..metrics import digits_reference_stats
 
     path = os.path.join(folder, "evals.jsonl")
     have = {r["step"]: r for r in read_jsonl(path)}
     todo = [k for k in plan.eval_steps if k not in have]
-    if todo:
-        ref, extra = digits_reference_stats(), extraction_seconds(folder)
+    if todo:  # the reference: the digits the run trained on (its config.json's class names)
+        with open(os.path.join(folder, "config.json")) as f:
+            names = json.load(f).get("class_names")
+        ref, extra = digits_reference_stats(digits=class_digits(names)), extraction_seconds(folder)
     for k in todo:
         t0 = time.time()
         ev = evaluate_checkpoint(cfg, checkpoint_path(folder, k), ref, extra)
