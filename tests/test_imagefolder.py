@@ -286,7 +286,8 @@ def test_unreadable_and_truncated_images_are_named(tmp_path):
 
 
 def test_bad_flags(tmp_path, shapes):
-    _refused(tmp_path, r"--resolution 48: use one of 32, 64, 128", data=f"imagefolder:{shapes}", resolution=48)
+    _refused(tmp_path, r"--resolution 50: use a multiple of SiT-D/4's patch size 4", data=f"imagefolder:{shapes}",
+             resolution=50)
     _refused(tmp_path, r"--resolution / --hflip apply to image folders", data="digits", resolution=32)
     _refused(tmp_path, r"--resolution / --hflip apply to image folders", data="digits", hflip=True)
     _refused(tmp_path, r"--encoder none: --method erw aligns to a target encoder; use --method vanilla",
