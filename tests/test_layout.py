@@ -7,7 +7,7 @@ import pytest
 
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "erw_fast")
 CLIS = {"erw_fast." + n for n in ("train", "sample", "evaluate", "preprocess", "extract_features", "export",
-                                  "convergence", "probe")}
+                                  "convergence", "probe", "reuse_study")}
 MAX_FUNCTION_LINES = 100
 
 
