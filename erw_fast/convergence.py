@@ -39,7 +39,7 @@ from typing import List, Optional, Tuple
 
 from .study import run_study, study_config
 from .study.config import QUICK, StudyConfig
-from .utils.cli import add_debug_flag, run_cli
+from .utils.cli import add_debug_flag, preset_flags, run_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -116,12 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> dict:
     """Run the study; errors are raised (``python -m`` turns them into one ``error:`` line, see
     :func:`erw_fast.utils.cli.run_cli`). The report lists ``argv`` (without ``--debug``) as the command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a = vars(build_parser().parse_args(argv))
-    a.pop("debug", None)
-    quick = a.pop("quick")
-    flags = {k: v for k, v in a.items() if v is not None and v is not False}
-    return run_study(study_config(quick=quick, **flags), [v for v in argv if v != "--debug"])
+    quick, flags, argv = preset_flags(build_parser(), argv)
+    return run_study(study_config(quick=quick, **flags), argv)
 
 
 if __name__ == "__main__":

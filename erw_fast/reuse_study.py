@@ -19,7 +19,7 @@ import sys
 from typing import List, Optional
 
 from .study.reuse import QUICK, ReuseConfig, reuse_config, run_reuse_study
-from .utils.cli import add_debug_flag, run_cli
+from .utils.cli import add_debug_flag, preset_flags, run_cli
 
 
 def _ints(text: str):
@@ -60,12 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    a = vars(build_parser().parse_args(argv))
-    a.pop("debug", None)
-    quick = a.pop("quick")
-    flags = {k: v for k, v in a.items() if v is not None and v is not False}
-    return run_reuse_study(reuse_config(quick=quick, **flags), [v for v in argv if v != "--debug"])
+    """Run the study; errors are raised (``python -m`` prints them as one ``error:`` line)."""
+    quick, flags, argv = preset_flags(build_parser(), argv)
+    return run_reuse_study(reuse_config(quick=quick, **flags), argv)
 
 
 if __name__ == "__main__":

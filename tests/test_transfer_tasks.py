@@ -145,7 +145,7 @@ def test_digit_subsets():
 def test_subset_reference_and_accuracy_score_real_digits():
     from erw_fast.data.digits import DigitsDataset
     from erw_fast.engine.samples import digit_accuracy
-    from erw_fast.metrics import compute_features, digits_reference_features, digits_reference_stats, feature_stats
+    from erw_fast.metrics import digits_reference_features, digits_reference_stats, feature_stats
 
     ds = DigitsDataset()
     mu, sigma = digits_reference_stats(digits=(5, 6, 7, 8, 9))
@@ -155,7 +155,6 @@ def test_subset_reference_and_accuracy_score_real_digits():
     # real 5..9, class-major: a digits:5-9 grid is scored as its digits, not as 0..4
     imgs = torch.cat([ds.images[ds.labels == d][:2] for d in range(5, 10)])
     assert digit_accuracy(imgs, (5, 6, 7, 8, 9), 2) > 0.9 > digit_accuracy(imgs, range(5), 2)
-    del compute_features
 
 
 def test_resolution_any_multiple_of_the_patch_and_the_encoder_is_kept(tmp_path):

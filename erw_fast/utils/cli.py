@@ -24,6 +24,16 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def preset_flags(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None):
+    """(``--quick`` given?, the flags given (unset and false ones left out), argv without ``--debug``)
+    of a study's command line: the studies build their settings from a preset and the given flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = vars(parser.parse_args(argv))
+    a.pop("debug", None)
+    quick = a.pop("quick")
+    return quick, {k: v for k, v in a.items() if v is not None and v is not False}, [v for v in argv if v != "--debug"]
+
+
 def is_expected(e: BaseException) -> bool:
     return isinstance(e, (ValueError, OSError, ImportError)) or type(e).__module__.startswith("erw_fast")
 
