@@ -220,6 +220,13 @@ def test_digit_halves_share_no_class_rows(tmp_path):
     tr = next(r for r in metrics(res.out) if r.get("event") == "transfer")
     assert tr["label_rows"] == {"5": 5}  # only the null row: 5..9 start fresh, named
     assert "fresh: '5', '6', '7', '8', '9'" in tr["fresh"][0]["reason"]
+    # evaluation reads the run's classes as the digits 5..9, against the 5..9 images
+    from erw_fast.evaluation.samples import evaluate, sample_for_evaluation
+
+    _, labels = sample_for_evaluation(res.checkpoint, 10, steps=2, batch_size=10, feature_net="digits")
+    assert sorted(set(labels.tolist())) == [5, 6, 7, 8, 9]
+    got = evaluate(ckpt=res.checkpoint, num_samples=10, steps=2, batch_size=10, device="cpu")
+    assert 0 <= got["accuracy"] <= 1 and got["fid"] > 0
 
 
 def test_plan_transfer_prints_and_writes_nothing(tmp_path, digits_warmup, capsys):
