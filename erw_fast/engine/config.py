@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
 from ..data.imagefolder import image_folder_path
+from ..encoders.digits import DEFAULT_DIGITS_ENCODER, DIGITS_ENCODERS
 from ..method.alignment import ALIGNMENT_LOSSES
 from ..method.recipes import MODEL_DEFAULTS, get_method, model_defaults  # noqa: F401  (re-exported)
 from ..method.schedules import SCHEDULES
@@ -48,7 +49,7 @@ class TrainConfig:
     method: str = "erw"
     model: Optional[str] = None
     data: str = "digits"
-    encoder: str = "digits-cnn"            # on latent data "digits-cnn" becomes dinov2-vit-b
+    encoder: str = DEFAULT_DIGITS_ENCODER  # digits-ssl; on other data the digits encoders become dinov2-vit-b
     encoder_path: Optional[str] = None      # local weights for the target encoder (DINOv2: HF folder or hub repo)
     encoder_source: str = "auto"            # DINOv2 loading route: auto | transformers | hub
     features: str = "online"                # online (run the encoder) | precomputed (extract_features shards;
@@ -157,7 +158,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     for k, v in model_defaults(size, depth).items():
         if getattr(c, k) is None:
             setattr(c, k, v)
-    if c.data != "digits" and c.encoder == "digits-cnn":
+    if c.data != "digits" and c.encoder in DIGITS_ENCODERS:
         c.encoder = "dinov2-vit-b"  # the embedded digits encoder cannot read ImageNet-style images
     if c.lambda_schedule is None:
         c.lambda_schedule = method.schedule
