@@ -111,7 +111,8 @@ def test_compute_ratios_pair_seeds_and_name_seeds_that_never_get_there():
 def test_fid_targets_rule_and_reach_never_extrapolates():
     # the rule: log-spaced shares between the best and the worst arm's final FID, blind to the arms' names
     t = sp.fid_targets({"a": 5.0, "b": 20.0, "c": 10.0})
-    assert t == [float(f"{5 * 4 ** (1 - q):.3g}") for q in sp.TARGET_QUANTILES] == [14.1, 10.0, 7.07]
+    assert t == [14.2, 10.0, 7.08]  # 5 * 4^(1 - q) for q = 0.25, 0.5, 0.75, rounded up at the 3rd digit
+    assert sp.fid_targets({"a": 41.81, "b": 41.86}) == [41.9]  # rounded up: never below the best final FID
     assert sp.fid_targets({"x": 5.0, "y": 20.0, "z": 10.0}) == t
     assert sp.fid_targets({"a": 5.0}, given=(3.0, 8.0, 3.0)) == [8.0, 3.0] and sp.fid_targets({}) == []
     res = []
@@ -182,8 +183,12 @@ def test_a_folder_made_with_other_settings_is_refused_before_training(tmp_path, 
 def test_plan_only_writes_nothing(tmp_path, capsys):
     out = tmp_path / "nothing"
     r = cli.main(["--plan", "--out", str(out)])
-    assert not out.exists() and r["plans"]["repa"].steps == 400
-    assert "erw-w40" in capsys.readouterr().err
+    assert not out.exists() and r["plans"]["repa"].steps == 400 and len(r["plans"]["repa"].eval_steps) == 8
+    err = capsys.readouterr().err
+    assert "erw-w40" in err and "target encoder digits-ssl; 8 evaluations per run" in err
+    with pytest.raises(ValueError, match="--points must be >= 2"):
+        cli.main(["--plan", "--points", "1", "--out", str(out)])
+    assert not out.exists()
 
 
 def test_probe_counts_what_the_trainer_logs(tmp_path):

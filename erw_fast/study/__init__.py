@@ -176,6 +176,8 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
     say("convergence study: counting FLOPs per step ...")
     flops = probe_flops(cfg)
     budget, plans = plan_runs(flops, cfg.budget_steps, cfg.points, study_arms(cfg))
+    say(f"target encoder {cfg.encoder}; {cfg.points} evaluations per run ({cfg.num_samples} samples, {cfg.sampler} "
+        f"{cfg.sample_steps} steps); seeds {', '.join(map(str, cfg.seeds))}")
     print_plan(flops, budget, plans)
     if cfg.plan_only:
         return dict(flops=flops, budget=budget, plans=plans)

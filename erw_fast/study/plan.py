@@ -10,6 +10,7 @@ spends the extraction's share on training too.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -188,16 +189,20 @@ def fid_targets(final_fids: Dict[str, float], given: Optional[Sequence[float]] =
     """The FID targets τ: ``given`` (``--fid-targets``), else fixed by a rule stated before the run and
     blind to which arm is which: the targets lie at the shares ``TARGET_QUANTILES`` between the best
     and the worst arm's mean final FID on a log scale, τ_q = best · (worst / best)^(1 - q) (so q = 0.75 is
-    near the best arm's final FID), rounded to 3 significant digits; every arm's final FID counts alike."""
+    near the best arm's final FID), rounded up at the 3rd significant digit (so no target falls below
+    the best final FID); every arm's final FID counts alike."""
     if given:
         return sorted({float(t) for t in given}, reverse=True)
     vals = [v for v in final_fids.values() if v is not None and np.isfinite(v) and v > 0]
     if not vals:
         return []
     lo, hi = min(vals), max(vals)
-    if hi <= lo:
-        return [float(f"{lo:.3g}")]
-    return sorted({float(f"{lo * (hi / lo) ** (1 - q):.3g}") for q in TARGET_QUANTILES}, reverse=True)
+    return sorted({_round_up(lo * (hi / lo) ** (1 - q)) for q in TARGET_QUANTILES}, reverse=True)
+
+
+def _round_up(v: float, digits: int = 3) -> float:
+    unit = 10.0 ** (math.floor(math.log10(v)) - digits + 1)
+    return float(f"{math.ceil(v / unit - 1e-9) * unit:.{digits}g}")
 
 
 def reach_rows(results: List[dict], budget: float, seeds: Sequence[int], arm: str, target: float) -> List[dict]:

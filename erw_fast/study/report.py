@@ -274,8 +274,8 @@ def verdict(results: List[dict], study: dict) -> dict:
     share = f"{out['warmup'] * 100:g}%"
     if out["target"] is None:
         head = ("REPA was not evaluated" if "repa" not in study["present"] else
-                f"ERW (warmup {share}) and REPA reached none of the FID targets {study['fid_targets']} together in "
-                "every seed")
+                f"ERW (warmup {share}) and REPA reached none of the FID targets "
+                f"{', '.join(f'{t:g}' for t in study['fid_targets']) or '(none)'} together in every seed")
     else:
         head = f"ERW (warmup {share}) reached FID {out['target']:g} with {out['ratio']} of REPA's compute (warmup counted)"
     out["line"] = (f"on this data {head}; best warmup share {share}; the target encoder's fit (CKNNA at the aligned "
