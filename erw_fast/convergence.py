@@ -1,6 +1,6 @@
 """The convergence study: vanilla SiT, REPA and ERW at equal training compute, at the ERW paper's proportions.
 
-    python -m erw_fast.convergence --update-docs   # the study (about 50 min on 2 CPU cores) → docs/convergence.md
+    python -m erw_fast.convergence --update-docs   # the study (about 70 min on 2 CPU cores) → docs/convergence.md
     python -m erw_fast.convergence --seeds 3,4,5   # more seeds into the same folder (the report covers all)
     python -m erw_fast.convergence --plan          # the plan only: steps, evaluation points, FLOPs
     python -m erw_fast.convergence --quick         # a smoke test of the whole study (about a minute)
@@ -9,7 +9,8 @@ The preset keeps the proportions of ERW's SiT-XL/2 setting on the embedded digit
 (8 blocks, 64 wide), ERW's warmup region 1 block (XL: 4 of 28), alignment at block 4 of 8 (XL: 14 of
 28), a projector twice the width (XL: 2048 for 1152) and the target features extracted once before
 training (the digits have no augmentation), so an ERW warmup step costs 18% of a full step (the
-paper: 19%).
+paper: 19%). The target encoder is the embedded label-free ``digits-ssl`` (--encoder digits-cnn: the
+same net trained with the digits' labels, the first study's target).
 
 Every arm trains the same model on the same data with the same optimiser and the same training
 compute, counted in FLOPs with ``torch.utils.flop_counter`` exactly as the trainer counts them: the
@@ -21,11 +22,16 @@ the warmup). Wall-clock seconds are measured beside the FLOPs.
 
 Each run is checkpointed at --points equal shares of the budget (ERW only after its warmup); each
 checkpoint's EMA model draws the same --num-samples samples (per-index seeds, balanced classes), scored
-by FID against all 1,797 digits in the feature space of the project's digits classifier and by the
-share of samples that classifier reads as the requested digit.
+by FID against all 1,797 digits in the feature space of the project's digits classifier, by the
+share of samples that classifier reads as the requested digit, and by fd_<encoder>: the Fréchet
+distance in the target encoder's space (which may favour the arms aligned to it). Each ERW run's
+end-of-warmup checkpoint gets the probe's CKNNA at the aligned block (the encoder's fit). The report
+gives the compute and seconds to reach fixed FID targets τ (--fid-targets, or three targets fixed by
+a rule from the arms' final FIDs), the share of the budget to reach REPA's final FID, and ends with a
+verdict, also printed as one line.
 
 Outputs: --out holds one folder per run (<arm>-seed<seed>: checkpoints, metrics.jsonl, train.log,
-evals.jsonl), results.jsonl, study.json, settings.json (a rerun with other settings or another
+evals.jsonl; fit.json for ERW: the CKNNA after its warmup), results.jsonl, study.json, settings.json (a rerun with other settings or another
 plan is refused) and invocations.jsonl (every call: command, wall clock, runs trained); --doc (default <out>/convergence.md; docs/convergence.md with --update-docs) gets the
 report and --plot the PNG. Text between <!-- notes:start --> and <!-- notes:end --> in an existing
 doc is kept. Rerunning resumes: finished runs and evaluations are kept, an unfinished run continues
@@ -65,13 +71,16 @@ def _names(text: str) -> Tuple[str, ...]:
 def _run_group(p: argparse.ArgumentParser, d: StudyConfig):
     g = p.add_argument_group("the runs (changing one needs another --out)")
     g.add_argument("--model", help=f"SiT size (default {d.model})")
+    g.add_argument("--encoder", help=f"target encoder (default {d.encoder}: the embedded label-free encoder; "
+                   "digits-cnn: the same net trained with the digits' labels, the setting of the first study)")
     g.add_argument("--projector-dim", type=int, help=f"projector width (default {d.projector_dim})")
     g.add_argument("--features", choices=("online", "precomputed"),
                    help=f"target features: extracted once before training, counted (default {d.features}), or the "
                    "encoder run every step")
     g.add_argument("--budget-steps", type=int, help=f"compute budget per arm, in REPA steps (default {d.budget_steps}; "
                    f"--quick {QUICK['budget_steps']})")
-    g.add_argument("--points", type=int, help=f"evaluations per run (default {d.points}; --quick {QUICK['points']})")
+    g.add_argument("--points", type=int, help=f"evaluations per run at equal shares of the budget, >= 2 (default "
+                   f"{d.points}; --quick {QUICK['points']})")
     g.add_argument("--warmup-fractions", type=_shares, help="ERW arms: share of the budget spent in the warmup "
                    f"(default {','.join(f'{v:g}' for v in d.warmup_fractions)})")
     g.add_argument("--stop-fraction", type=float, help="the -stop arms: the alignment ends once this share of the "
@@ -83,6 +92,9 @@ def _run_group(p: argparse.ArgumentParser, d: StudyConfig):
     g.add_argument("--sample-steps", type=int, help=f"sampler steps (default {d.sample_steps}; --quick "
                    f"{QUICK['sample_steps']})")
     g.add_argument("--cfg-scale", type=float, help="guidance scale for evaluation (default 1: none)")
+    g.add_argument("--fid-targets", type=_shares, help="comma-separated FID targets τ of the speed figure (compute "
+                   "to reach FID <= τ; default: three targets fixed by a rule from the arms' final FIDs, see "
+                   "docs/convergence.md); report only, a rerun with other targets reuses the runs")
     g.add_argument("--eval-seed", type=int, help=f"seed of the evaluation noise, shared by all runs (default {d.eval_seed})")
 
 

@@ -14,6 +14,10 @@
   pool3 and, where the file has it, its class softmax, from a local TorchScript file,
   :mod:`erw_fast.evaluation.inception`).
 - Digits reference: all 1,797 embedded digits (16x16) through the digits network.
+- ``fd_<encoder>`` (:class:`EncoderFeatures`, :func:`encoder_fd_stats`): the Fréchet distance in a target
+  encoder's feature space, as FD_DINOv2 (Stein et al. 2023, EDM2) — no Inception file needed, so it
+  works on any data. A model aligned to that same encoder may be favoured by it: report the
+  independent network's FID beside it.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ __all__ = [
     "FeatureNetwork", "DigitsFeatures", "frechet_distance", "feature_stats", "get_feature_network",
     "compute_features", "images_from_uint8", "digits_reference_stats", "fid_from_images",
     "classifier_accuracy", "sqrtm_psd", "inception_score", "precision_recall", "compute_features_and_probs",
-    "digits_reference_features",
+    "digits_reference_features", "EncoderFeatures", "fd_name", "encoder_fd_stats",
 ]
 
 
@@ -226,6 +230,42 @@ class DigitsFeatures:
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         return self.features_and_probabilities(images)[1]
+
+
+class EncoderFeatures:
+    """A target encoder (:class:`erw_fast.encoders.TargetEncoder`) as a feature network, for ``fd_<encoder>``.
+
+    One vector per image. Stein et al. (2023), whose FD_DINOv2 EDM2 reports, take DINOv2-ViT-L/14's
+    image embedding — the final-norm CLS token that ``model(x)`` returns, not the patch tokens — since
+    it is the representation DINOv2 trains to be a global descriptor. So an encoder that has such a
+    token exposes it as ``global_features(images) -> (N, C)`` and it is used; an encoder without one
+    (the digits CNNs) gives the mean of its patch tokens, the global embedding its training shaped
+    (``digits-ssl``'s contrastive loss reads exactly that mean) and the one the CKNNA probe compares.
+    """
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.name = f"fd_{encoder.name}"
+        self.pooling = "global" if callable(getattr(encoder, "global_features", None)) else "mean"
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        dev = next(self.encoder.parameters()).device
+        images = images.to(dev)
+        if self.pooling == "global":
+            return self.encoder.global_features(images)
+        return self.encoder(images).mean(dim=1)
+
+
+def fd_name(encoder_name: str) -> str:
+    """The metric's name in records and reports: ``fd_<encoder>`` (e.g. ``fd_digits-ssl``)."""
+    return f"fd_{encoder_name}"
+
+
+def encoder_fd_stats(encoder, images, batch_size: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of ``images`` (float in [-1, 1] or uint8 NHWC) in ``encoder``'s space (the reference
+    side of ``fd_<encoder>``; compare with :func:`fid_from_images(images, ref, EncoderFeatures(encoder))`)."""
+    return feature_stats(compute_features(images, EncoderFeatures(encoder), batch_size))
 
 
 def get_feature_network(name: str = "digits", path: Optional[str] = None, device="cpu") -> FeatureNetwork:

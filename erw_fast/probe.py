@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="checkpoint file (warmup or full training) or a run folder")
     p.add_argument("--data", default="digits", help="'digits' (the embedded dataset) or a latent dataset folder")
     p.add_argument("--encoder", default=None, help="target encoder (default: the checkpoint's own, else the data's "
-                   "default: digits-cnn / dinov2-vit-b)")
+                   "default: digits-ssl / dinov2-vit-b)")
     p.add_argument("--encoder-path", default=None, help="local weights for the target encoder")
     p.add_argument("--num-images", type=int, default=256, help="held-out images (> --topk + 1; the digits have 359)")
     p.add_argument("--noise-levels", default="0,0.25,0.5,0.75", help="comma-separated t in [0, 1] (t = 0 is "

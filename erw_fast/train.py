@@ -1,7 +1,7 @@
 """Train ERW (default), REPA or vanilla SiT: ``python -m erw_fast.train [flags]``.
 
 With no flags: ERW on the embedded handwritten digits (16x16, 10 classes) with the embedded
-``digits-cnn`` target encoder and a small SiT-D/2 (4 blocks) — warmup, transfer, full training — writing
+label-free ``digits-ssl`` target encoder and a small SiT-D/2 (4 blocks) — warmup, transfer, full training — writing
 checkpoints, metrics.jsonl and a PNG grid of EMA samples (one row per class) to runs/erw-digits.
 Add ``--compile`` to compile the SiT blocks. Multi-GPU: ``torchrun --nproc_per_node N -m erw_fast.train``.
 
@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from .engine import TrainConfig, train
+from .encoders.digits import DEFAULT_DIGITS_ENCODER
 from .engine.config import DATA_DEFAULTS, MODEL_DEFAULTS
 from .method.alignment import ALIGNMENT_LOSSES
 from .method.schedules import SCHEDULES
@@ -127,10 +128,11 @@ def _data_and_target_encoder_flags(g, d, t):
                    "to, a multiple of the model's patch size (default 32; 16 shares the digits' grid)")
     g.add_argument("--hflip", action="store_true", help="image folders: mirror each training sample left-right "
                    "with probability 1/2, drawn per (seed, step, sample)")
-    g.add_argument("--encoder", help="target encoder(s), comma-separated: digits-cnn "
-                   "(default on digits: the embedded encoder, a token per 2x2 pixels; it also reads image folders, as "
-                   "grey), dinov2-vit-{s,b,l,g} or dinov2-vit-{s,b,l,g}_reg (default dinov2-vit-b on latent data and "
-                   "image folders); none with --method vanilla. A value given is never replaced")
+    g.add_argument("--encoder", help="target encoder(s), comma-separated: digits-ssl (default on digits: the "
+                   "embedded label-free encoder, 8x8 tokens for 16x16 images; it also reads image folders, as grey), "
+                   "digits-cnn (the same net trained with the digits' labels), dinov2-vit-{s,b,l,g} or "
+                   "dinov2-vit-{s,b,l,g}_reg (default dinov2-vit-b on latent data and image folders); none with "
+                   "--method vanilla. A value given is never replaced")
     g.add_argument("--encoder-path", help="local target-encoder weights: a transformers save_pretrained folder "
                    "(facebook/dinov2-*) or a torch.hub clone of facebookresearch/dinov2 (default: the Hugging Face "
                    "or torch hub cache, downloaded when online)")

@@ -39,7 +39,8 @@ def test_every_arm_gets_the_same_compute_extraction_and_warmup_counted():
     for f in (0.05, 0.10, 0.20, 0.40):  # the warmup takes its share of the budget
         p = plans[f"erw-w{round(f * 100):02d}"]
         assert p.warmup_steps * FLOPS["warmup"] == pytest.approx(f * budget, abs=FLOPS["warmup"])
-    assert plans["erw-w40"].eval_fractions == [0.5, 0.75, 1.0]  # 25% falls inside its warmup
+    assert plans["erw-w40"].eval_fractions == [0.5, 0.625, 0.75, 0.875, 1.0]  # 12.5-37.5% fall inside its warmup
+    assert plans["repa"].eval_fractions == [i / 8 for i in range(1, 9)]  # 8 evaluations by default
     assert plans["erw-nowarmup"].steps == plans["repa"].steps
 
 
@@ -61,6 +62,12 @@ def test_plan_and_settings_refuse_what_cannot_run():
         _plans(budget_steps=2, warmup_fractions=(0.99,))
     with pytest.raises(ValueError, match="budget-steps"):
         sp.plan_runs(FLOPS, 0, 2, sc.study_arms(sc.StudyConfig()))
+    with pytest.raises(ValueError, match=r"--points must be >= 2 \(a curve needs two evaluations\), got 1"):
+        sc.check_config(sc.study_config(points=1))
+    with pytest.raises(ValueError, match="--encoder 'dinov2-vit-b'.*digits-ssl, digits-cnn"):
+        sc.check_config(sc.study_config(encoder="dinov2-vit-b"))
+    with pytest.raises(ValueError, match="--fid-targets"):
+        sc.check_config(sc.study_config(fid_targets=(5.0, -1.0)))
     bad = [dict(arms=("erw", "dit")), dict(warmup_fractions=(0.1, 0.1)), dict(warmup_fractions=(1.5,)),
            dict(stop_fraction=1.0), dict(stop_warmup=0.6), dict(num_samples=1), dict(seeds=()), dict(jobs=0)]
     for kw in bad:
@@ -101,6 +108,52 @@ def test_compute_ratios_pair_seeds_and_name_seeds_that_never_get_there():
     assert rows[1]["ratio"] is None and "not reached in 1 of 2 seeds" in sp.format_ratio(rows)
 
 
+def test_fid_targets_rule_and_reach_never_extrapolates():
+    # the rule: log-spaced shares between the best and the worst arm's final FID, blind to the arms' names
+    t = sp.fid_targets({"a": 5.0, "b": 20.0, "c": 10.0})
+    assert t == [14.2, 10.0, 7.08]  # 5 * 4^(1 - q) for q = 0.25, 0.5, 0.75, rounded up at the 3rd digit
+    assert sp.fid_targets({"a": 41.81, "b": 41.86}) == [41.9]  # rounded up: never below the best final FID
+    assert sp.fid_targets({"x": 5.0, "y": 20.0, "z": 10.0}) == t
+    assert sp.fid_targets({"a": 5.0}, given=(3.0, 8.0, 3.0)) == [8.0, 3.0] and sp.fid_targets({}) == []
+    res = []
+    for s in (0, 1):
+        res += [_rec("repa", s, f, fid, f * 2) for f, fid in ((2, 30), (5, 20), (10, 10))]
+        res += [_rec("erw-w10", s, f, fid, f * 3) for f, fid in ((2, 30), (4, 10 + s), (10, 5))]
+    repa = sp.reach_rows(res, 10.0, [0, 1], "repa", 10.0)
+    erw = sp.reach_rows(res, 10.0, [0, 1], "erw-w10", 10.0)
+    assert [r["ratio"] for r in repa] == [pytest.approx(1.0)] * 2 and repa[0]["seconds"] == pytest.approx(20)
+    assert erw[0]["ratio"] == pytest.approx(0.4) and erw[1]["kind"] == "interpolated"
+    rel = sp.relative_rows(erw, repa)
+    assert rel[0]["ratio"] == pytest.approx(0.4) and "seed 0: 0.40" in sp.format_ratio(rel)
+    low = sp.reach_rows(res, 10.0, [0, 1], "repa", 9.0)  # below REPA's last evaluation: never extrapolated
+    assert [r["kind"] for r in low] == ["not_reached"] * 2 and sp.relative_rows(erw, low) == []
+    assert "not reached in any of the 2 seeds" in sp.format_ratio(low)
+    assert "seed 0: ≤ 0.20" in sp.format_ratio(sp.reach_rows(res, 10.0, [0, 1], "repa", 40.0))
+
+
+def test_verdict_names_tau_ratio_warmup_and_fit():
+    from erw_fast.study import report
+
+    res = []
+    for s in (0, 1):
+        res += [_rec("repa", s, f, fid, f) for f, fid in ((5, 20.0), (10, 10.0))]
+        res += [_rec("erw-w10", s, f, fid, f) for f, fid in ((5, 14.0), (10, 4.0))]
+        res += [_rec("erw-w20", s, f, fid, f) for f, fid in ((5, 15.0), (10, 6.0))]
+    for r in res:
+        r["fraction"] = r["flops"] / 10
+    study = dict(seeds=[0, 1], budget=10.0, present=["repa", "erw-w10", "erw-w20"], sweep=["erw-w10", "erw-w20"],
+                 arms={"repa": dict(warmup=0.0), "erw-w10": dict(warmup=0.1), "erw-w20": dict(warmup=0.2)},
+                 fid_targets=[15.0, 10.0, 5.0], encoder="digits-ssl", fd_key="fd_digits-ssl", fit_desc="x",
+                 fits={"erw-w10": {"0": dict(cknna=0.5), "1": dict(cknna=0.7)}})
+    v = report.verdict(res, study)
+    assert v["arm"] == "erw-w10" and v["target"] == 10.0 and v["warmup"] == 0.1  # REPA never reaches 5
+    assert v["line"] == ("on this data ERW (warmup 10%) reached FID 10 with 0.70 ± 0.00 (seed 0: 0.70; seed 1: 0.70) of "
+                         "REPA's compute (warmup counted); best warmup share 10%; the target encoder's fit (CKNNA at "
+                         "the aligned block after the warmup) 0.600 ± 0.141")
+    study["present"].remove("repa")
+    assert "REPA was not evaluated" in report.verdict(res, study)["line"]
+
+
 def test_cli_presets_and_flags():
     assert cli.build_parser().parse_args([]).quick is False
     q = sc.study_config(quick=True)
@@ -109,6 +162,11 @@ def test_cli_presets_and_flags():
     assert c.budget_steps == 12 and c.cfg_scale == 0.0 and c.num_samples == sc.QUICK["num_samples"]
     a = cli.build_parser().parse_args(["--warmup-fractions", "0.1,0.3", "--arms", "repa,erw-w10", "--seeds", "4"])
     assert a.warmup_fractions == (0.1, 0.3) and a.arms == ("repa", "erw-w10") and a.seeds == (4,)
+    b = cli.build_parser().parse_args(["--encoder", "digits-cnn", "--points", "4", "--fid-targets", "10,7.5"])
+    assert (b.encoder, b.points, b.fid_targets) == ("digits-cnn", 4, (10.0, 7.5))
+    d = sc.study_config()
+    assert (d.encoder, d.points, d.seeds, d.num_samples, d.sample_steps) == ("digits-ssl", 8, (0, 1, 2), 400, 25)
+    assert sc.study_settings(sc.study_config(encoder="digits-cnn"))["encoder"] == "digits-cnn"
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["--warmup-fractions", "ten"])
 
@@ -125,8 +183,12 @@ def test_a_folder_made_with_other_settings_is_refused_before_training(tmp_path, 
 def test_plan_only_writes_nothing(tmp_path, capsys):
     out = tmp_path / "nothing"
     r = cli.main(["--plan", "--out", str(out)])
-    assert not out.exists() and r["plans"]["repa"].steps == 400
-    assert "erw-w40" in capsys.readouterr().err
+    assert not out.exists() and r["plans"]["repa"].steps == 400 and len(r["plans"]["repa"].eval_steps) == 8
+    err = capsys.readouterr().err
+    assert "erw-w40" in err and "target encoder digits-ssl; 8 evaluations per run" in err
+    with pytest.raises(ValueError, match="--points must be >= 2"):
+        cli.main(["--plan", "--points", "1", "--out", str(out)])
+    assert not out.exists()
 
 
 def test_probe_counts_what_the_trainer_logs(tmp_path):
@@ -168,6 +230,7 @@ def test_quick_study_end_to_end(tmp_path):
             assert (out / f"{name}-seed0" / "checkpoints" / f"{k:07d}.pt").exists()
     for x in results:
         assert np.isfinite(x["fid"]) and x["fid"] > 0 and 0 <= x["accuracy"] <= 1 and x["seconds"] > 0
+        assert np.isfinite(x["fd_digits-ssl"]) and x["fd_digits-ssl"] > 0
         plan = sp.RunPlan(**plans[x["arm"]])
         assert x["flops"] == pytest.approx(sp.compute_at(study["flops"], plan, x["step"]))
     erw = [x for x in results if x["arm"] == "erw-w20"][-1]
@@ -179,10 +242,18 @@ def test_quick_study_end_to_end(tmp_path):
     after = [x for x in stop if "loss" in x and x["phase"] == "train" and x["phase_step"] > plans["erw-w10-stop"]["align_until"]]
     assert after and all(x["lambda"] == 0 and x["flops_per_step"] == study["flops"]["unaligned"] for x in after)
     text = doc.read_text()
+    fits = study["fits"]
+    assert set(fits) == {n for n, p in plans.items() if p["method"] == "erw" and p["warmup_steps"]}
+    for name, per_seed in fits.items():
+        assert per_seed["0"]["step"] == plans[name]["warmup_steps"] and -1 <= per_seed["0"]["cknna"] <= 1
+        assert per_seed["0"]["encoder"] == "digits-ssl"
+    assert study["fid_targets"] and study["fd_key"] == "fd_digits-ssl"
     for piece in ("python -m erw_fast.convergence --quick --out", "| REPA |", "| ERW, warmup 40% |",
-                  "Compute-optimal warmup share", "alignment stops at 50%", plot.name):
+                  "Compute-optimal warmup share", "alignment stops at 50%", plot.name, "**fd_digits-ssl",
+                  "## Compute to reach fixed FID targets", "## Verdict", "on this data ERW (warmup",
+                  "CKNNA after the warmup", "`digits-ssl`"):
         assert piece in text, piece
-    assert _png_size(plot)[0] > 800
+    assert _png_size(plot)[0] > 1500  # six panels: FID, FD, accuracy, the sweep
     doc.write_text(text.replace("_(no notes yet)_", "my diagnosis"))
     n = len((out / "results.jsonl").read_text().splitlines())
     again = cli.main(argv + ["--jobs", "1"])
@@ -235,3 +306,18 @@ def test_finals_and_ratios_use_the_end_of_the_budget_only():
     assert not sp.compute_ratios(res, 10.0, [0], "repa", "erw-w10")  # no final FID to reach: no row
     rows = sp.compute_ratios(res, 10.0, [0], "erw-w10", "repa", reference="vanilla")
     assert rows[0]["ratio"] == pytest.approx(0.5) and sp.format_ratio(rows, "seconds_ratio") == "n/a"
+
+
+def test_a_folder_from_before_the_encoder_flag_is_the_label_trained_study(tmp_path, monkeypatch):
+    """The first study's settings.json has no ``encoder``: it was digits-cnn, so --encoder digits-cnn
+    --points 4 may add seeds there, and the new default is refused."""
+    import erw_fast.study as st
+
+    out = tmp_path / "old"
+    out.mkdir()
+    old = sc.study_settings(sc.study_config(encoder="digits-cnn", points=4))
+    del old["encoder"]
+    (out / "settings.json").write_text(json.dumps(old))
+    st.check_settings(str(out), sc.study_settings(sc.study_config(encoder="digits-cnn", points=4)))
+    with pytest.raises(ValueError, match="encoder: 'digits-cnn' there, 'digits-ssl' now"):
+        st.check_settings(str(out), sc.study_settings(sc.study_config(points=4)))

@@ -453,3 +453,61 @@ def test_adm_reference_batch_errors(tmp_path):
     np.savez(tmp_path / "inception_stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(ValueError, match=r"--ref .*inception_stats\.npz: reference mu is \(2048,\) but the digits"):
         evaluate_samples(np.zeros((4, 8, 8, 1), np.uint8), ref=str(tmp_path / "inception_stats.npz"))
+
+
+# --------------------------------------------------------------------------------------------
+# fd_<encoder>: the Fréchet distance in a target encoder's space
+# --------------------------------------------------------------------------------------------
+class _LinearEncoder(torch.nn.Module):
+    """A 2x2-token encoder whose tokens are a fixed linear map of the image's quadrants: the mean-pooled
+    feature is linear in the image, so FD has a closed form."""
+
+    name, dim, token_grid = "toy", 3, 2
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)).double())
+
+    def forward(self, x):
+        q = torch.nn.functional.avg_pool2d(x.double(), x.shape[-1] // 2).flatten(1)  # (B, 4) quadrant means
+        return torch.stack([q * (i + 1) for i in range(4)], 1) @ self.w  # (B, 4 tokens, 3)
+
+
+def test_fd_in_an_encoder_space_matches_the_closed_form():
+    from erw_fast.metrics import EncoderFeatures, encoder_fd_stats, fd_name
+
+    enc = _LinearEncoder()
+    net = EncoderFeatures(enc)
+    assert net.name == fd_name("toy") == "fd_toy" and net.pooling == "mean"
+    rng = np.random.default_rng(0)
+    a = torch.from_numpy(rng.uniform(-0.5, 0.5, (300, 1, 4, 4)))
+    s, delta = 0.5, torch.full((1, 1, 4, 4), 0.3, dtype=torch.float64)
+    b = s * a + delta  # linear features: f(b) = s f(a) + f(delta)
+    fa, g = net.features(a).double().numpy(), net.features(delta).double().numpy()[0]
+    mu, cov = fa.mean(0), np.cov(fa, rowvar=False)
+    expected = float(((s - 1) * mu + g) @ ((s - 1) * mu + g) + (1 - s) ** 2 * np.trace(cov))
+    got = fid_from_images(b, encoder_fd_stats(enc, a), net)
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert fid_from_images(a, encoder_fd_stats(enc, a), net) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fd_uses_an_encoders_global_token_when_it_has_one():
+    from erw_fast.metrics import EncoderFeatures
+
+    enc = _LinearEncoder()
+    enc.global_features = lambda x: torch.ones(len(x), 5)  # a CLS-style image embedding (DINOv2's, per Stein et al.)
+    net = EncoderFeatures(enc)
+    assert net.pooling == "global" and net.features(torch.zeros(2, 1, 4, 4)).shape == (2, 5)
+
+
+def test_fd_digits_ssl_tells_digits_from_noise():
+    from erw_fast.data.digits import load_digits
+    from erw_fast.encoders import build_encoder
+    from erw_fast.metrics import EncoderFeatures, encoder_fd_stats
+
+    enc = build_encoder("digits-ssl")
+    x, _ = load_digits(16)
+    ref = encoder_fd_stats(enc, x)
+    real = fid_from_images(x[:400], ref, EncoderFeatures(enc))
+    noise = fid_from_images(torch.rand(400, 1, 16, 16) * 2 - 1, ref, EncoderFeatures(enc))
+    assert real < 0.1 * noise

@@ -168,10 +168,11 @@ def test_probe_shows_warmup_alignment(warm_run):
     before = probe_checkpoint(_initial_warmup_model(warm_run), num_images=128, noise_levels=())
     assert after["phase"] == "warmup" and after["weights"] == "model" and after["step"] == WARMUP
     assert after["aligned_block"] == 1 and [b["block"] for b in after["blocks"]] == [0, 1]
-    assert after["noise_levels"] == [0.0] and after["encoder"] == "digits-cnn"
+    assert after["noise_levels"] == [0.0] and after["encoder"] == "digits-ssl"  # the label-free default
     assert "validation split" in after["held_out"]
     at_init, warmed = before["blocks"][1]["cknna"][0.0], after["blocks"][1]["cknna"][0.0]
-    assert warmed > at_init + 0.2, (at_init, warmed)  # measured: about 0.12 -> 0.62
+    # measured (2-core CPU VM, one thread): digits-ssl 0.13 -> 0.35; the label-trained digits-cnn 0.12 -> 0.62
+    assert warmed > at_init + 0.15, (at_init, warmed)
 
 
 def test_probe_reads_an_erw_style_warmup_state_dict(warm_run):

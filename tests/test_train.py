@@ -250,7 +250,7 @@ def test_png_writer_roundtrip(tmp_path):
 
 def test_default_config_is_the_digits_run():
     c = resolve_config(TrainConfig())
-    assert (c.method, c.model, c.data, c.encoder) == ("erw", "SiT-D/2", "digits", "digits-cnn")
+    assert (c.method, c.model, c.data, c.encoder) == ("erw", "SiT-D/2", "digits", "digits-ssl")  # label-free
     assert c.rope and not c.qk_norm and c.lambda_schedule == "halflife"
     assert 1 <= c.l2r_depth <= c.encoder_depth <= 4
     # scaled to a short run: the EMA and λ move within the run's length

@@ -1,10 +1,13 @@
-"""``digits-cnn``: the embedded target encoder for the digits default (stands in for DINOv2).
+"""The embedded target encoders of the digits (stand-ins for DINOv2): one small conv net, two trainings.
 
-A small conv net pre-trained by this project on the embedded digits (supervised, see
-``pretrain_digits.py``; the shipped weights ``erw_fast/assets/digits_encoder.pt`` come from
-``python -m erw_fast.encoders.pretrain_digits``). Its stride-2 feature map gives an 8x8 grid
-for 16x16 inputs: 64 tokens, the SiT token grid at patch 2. The features are the last conv
-stage's activations, one ``width``-dim vector per patch.
+- ``digits-ssl`` (the default on the digits): trained without labels (SimCLR, see
+  ``pretrain_digits_ssl.py``; ``erw_fast/assets/digits_ssl_encoder.pt`` comes from
+  ``python -m erw_fast.encoders.pretrain_digits_ssl``), like DINOv2, which never saw a label.
+- ``digits-cnn``: the same net trained with the digits' labels (cross-entropy, see
+  ``pretrain_digits.py``; ``erw_fast/assets/digits_encoder.pt``); selectable with ``--encoder digits-cnn``.
+
+The stride-2 feature map gives an 8x8 grid for 16x16 inputs: 64 tokens, the SiT token grid at
+patch 2. The features are the last conv stage's activations, one ``width``-dim vector per patch.
 """
 from __future__ import annotations
 
@@ -16,7 +19,11 @@ import torch.nn.functional as F
 
 from .base import TargetEncoder, register_encoder
 
-ASSET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits_encoder.pt")
+_ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+ASSET = os.path.join(_ASSETS, "digits_encoder.pt")          # digits-cnn (label-trained)
+SSL_ASSET = os.path.join(_ASSETS, "digits_ssl_encoder.pt")  # digits-ssl (label-free)
+DEFAULT_DIGITS_ENCODER = "digits-ssl"   # the embedded digits' default target encoder (train, probe, study)
+DIGITS_ENCODERS = ("digits-ssl", "digits-cnn")
 
 
 def _conv(cin, cout, stride=1):
@@ -51,8 +58,9 @@ class DigitsEncoder(TargetEncoder):
 
     name = "digits-cnn"
 
-    def __init__(self, net: DigitsCNN, input_size: int = 16):
+    def __init__(self, net: DigitsCNN, input_size: int = 16, name: str = "digits-cnn"):
         super().__init__()
+        self.name = name
         self.net = net
         self.input_size = input_size
         self.dim = net.config["width"]
@@ -70,18 +78,27 @@ class DigitsEncoder(TargetEncoder):
         return fmap.flatten(2).transpose(1, 2)
 
 
-def load_digits_cnn(path: str = ASSET) -> DigitsCNN:
+def load_digits_cnn(path: str = ASSET, recipe: str = "pretrain_digits") -> DigitsCNN:
+    """The net from a weights file; a label-free file has no classification head (left at its init, unused)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"digits encoder weights not found at {path}; rebuild them with "
-            "`python -m erw_fast.encoders.pretrain_digits`"
+            f"`python -m erw_fast.encoders.{recipe}`"
         )
     blob = torch.load(path, map_location="cpu", weights_only=True)
     net = DigitsCNN(**blob["config"])
-    net.load_state_dict(blob["state_dict"])
+    result = net.load_state_dict(blob["state_dict"], strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("head.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: weights do not fit DigitsCNN (missing {missing}, unexpected {result.unexpected_keys})")
     return net
 
 
 @register_encoder("digits-cnn")
 def build_digits_cnn(path: str = ASSET, input_size: int = 16, **_ignored) -> DigitsEncoder:
     return DigitsEncoder(load_digits_cnn(path), input_size=input_size)
+
+
+@register_encoder("digits-ssl")
+def build_digits_ssl(path: str = SSL_ASSET, input_size: int = 16, **_ignored) -> DigitsEncoder:
+    return DigitsEncoder(load_digits_cnn(path, "pretrain_digits_ssl"), input_size=input_size, name="digits-ssl")

@@ -84,11 +84,16 @@ def main(argv=None):
         "recipe": dict(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, width=a.width),
         "val_acc": float(acc),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    tmp = a.out + ".tmp"
+    save_weights(blob, a.out)
+
+
+def save_weights(blob: dict, out: str):
+    """Write an encoder's weights file atomically (a temporary file, then a rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp"
     torch.save(blob, tmp)
-    os.replace(tmp, a.out)
-    print(f"wrote {a.out} ({os.path.getsize(a.out) / 1e6:.2f} MB)")
+    os.replace(tmp, out)
+    print(f"wrote {out} ({os.path.getsize(out) / 1e6:.2f} MB)")
 
 
 if __name__ == "__main__":

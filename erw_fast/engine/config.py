@@ -14,6 +14,7 @@ from typing import Optional, Tuple, Union
 
 from ..data.digits import is_digits
 from ..data.imagefolder import image_folder_path
+from ..encoders.digits import DEFAULT_DIGITS_ENCODER
 from ..method.alignment import ALIGNMENT_LOSSES
 from ..method.recipes import MODEL_DEFAULTS, get_method, model_defaults  # noqa: F401  (re-exported)
 from ..method.schedules import SCHEDULES
@@ -23,7 +24,8 @@ DATA_DEFAULTS = {
     "digits": dict(
         model="SiT-D/2", warmup_steps=200, steps=700, batch_size=64, lr=1e-3, ema_decay=0.99,
         half_life=400, projector_dim=256, sample_every=0, ckpt_every=0, sample_steps=30,
-        sampler="sde", cfg_scale=2.0, guidance_high=1.0, samples_per_class=10, log_every=10, encoder="digits-cnn",
+        sampler="sde", cfg_scale=2.0, guidance_high=1.0, samples_per_class=10, log_every=10,
+        encoder=DEFAULT_DIGITS_ENCODER,
     ),
     # a folder of class-labelled images in pixel space (a few thousand images at 32 px, one GPU)
     "imagefolder": dict(
@@ -50,7 +52,7 @@ class TrainConfig:
     method: str = "erw"
     model: Optional[str] = None
     data: str = "digits"                    # digits, digits:<classes> (e.g. digits:0-4), imagefolder:DIR or a latent DIR
-    encoder: Optional[str] = None           # default per dataset: digits-cnn (digits), dinov2-vit-b (others); an
+    encoder: Optional[str] = None           # default per dataset: digits-ssl (digits), dinov2-vit-b (others); an
                                             # explicit value is never replaced
     encoder_path: Optional[str] = None      # local weights for the target encoder (DINOv2: HF folder or hub repo)
     encoder_source: str = "auto"            # DINOv2 loading route: auto | transformers | hub

@@ -8,7 +8,7 @@ not suit the data shows low values after ERW's warmup too; the block the alignme
 (``encoder_depth - 1``, 0-based) is named in the result.
 
 Held-out images: for the embedded digits, the fixed validation split of
-``erw_fast.data.digits.split_indices`` (the images the digits-cnn encoder was not pre-trained on;
+``erw_fast.data.digits.split_indices`` (the images the digits encoders were not pre-trained on;
 the SiT itself trains on all 1,797 digits); for other datasets (no split), the last N samples.
 
 Warmup checkpoints (ERW's phase 1, which ``load_checkpoint`` refuses for generation) load here too:
@@ -26,6 +26,7 @@ from ..models.checkpoint import (WarmupCheckpointError, _args_dict, _strip_prefi
                                  is_warmup_state_dict, load_checkpoint, load_state_dict_checked,
                                  read_checkpoint, resolve_checkpoint, select_state_dict)
 from ..models.sit import SiT
+from ..encoders.digits import DEFAULT_DIGITS_ENCODER
 from ..transport import interpolate
 from .cknna import cknna
 
@@ -74,7 +75,7 @@ def held_out_indices(data_name: str, data, num_images: int) -> Tuple[torch.Tenso
 
         _, val = split_indices(data.num_samples)
         desc = (f"digits validation split (erw_fast.data.digits.split_indices: val_fraction 0.2, seed 0; "
-                f"{len(val)} images), the first {num_images}; held out from the digits-cnn pre-training, not from "
+                f"{len(val)} images), the first {num_images}; held out from the digits encoders' pre-training, not from "
                 "the SiT's (it trains on all digits)")
         return val[:num_images], desc, len(val)
     n = data.num_samples
@@ -107,7 +108,7 @@ def _noise_levels(levels: Sequence[float]) -> List[float]:
 
 def _encoder_choice(data: str, encoder: Optional[str], encoder_path: Optional[str], args: dict):
     if encoder is None:  # the run's own target encoder, else the data's default
-        encoder = str(args.get("encoder") or ("digits-cnn" if data == "digits" else "dinov2-vit-b")).split(",")[0]
+        encoder = str(args.get("encoder") or (DEFAULT_DIGITS_ENCODER if data == "digits" else "dinov2-vit-b")).split(",")[0]
         if encoder_path is None and args.get("encoder_path") and args.get("encoder") == encoder:
             encoder_path = args["encoder_path"]
     if "," in encoder:

@@ -19,9 +19,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .config import Arm, StudyConfig, check_config, selected_arms, study_arms, study_config, study_settings
-from .execute import (Job, StudyError, collect_results, cores, data_floor, final_losses, probe_flops, read_jsonl,
+from .execute import (Job, StudyError, collect_fits, collect_results, cores, data_floor, final_losses, probe_flops, read_jsonl,
                       run_conditions, run_dir, run_jobs, say, seeds_in)
-from .plan import RunPlan, compute_at, compute_ratios, crossing, plan_runs
+from .plan import TARGET_QUANTILES, RunPlan, compute_at, compute_ratios, crossing, fid_targets, mean_std, plan_runs
 
 __all__ = ["Arm", "RunPlan", "StudyConfig", "StudyError", "compute_at", "compute_ratios", "crossing", "plan_runs",
            "run_study", "study_arms", "study_config"]
@@ -55,6 +55,7 @@ def check_settings(out: str, settings: dict):
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        old.setdefault("encoder", "digits-cnn")  # folders from before --encoder: the only target then
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
@@ -115,8 +116,24 @@ def _run_logged(cfg: StudyConfig, jobs: List[Job], flops: Dict[str, float], argv
             f.write(json.dumps(rec) + "\n")
 
 
+ENCODER_DESC = {
+    "digits-ssl": "the embedded label-free encoder: SimCLR on the digits' training split, no label in its objective",
+    "digits-cnn": "the embedded encoder trained with the digits' labels (cross-entropy) — the label-leak setting",
+}
+FIT_DESC = "aligned block, 256 held-out validation digits, t = 0, topk 10; erw_fast.evaluation.probe"
+
+
+def target_rule(cfg: StudyConfig) -> str:
+    if cfg.fid_targets:
+        return "given with --fid-targets"
+    qs = ", ".join(f"{q:g}" for q in TARGET_QUANTILES)
+    return (f"the rule fixed before the run: the shares {qs} of the way from the worst to the best arm's mean final "
+            "FID on a log scale, every arm counted alike")
+
+
 def _study_record(cfg, flops, budget, plans, results, seeds) -> dict:
     from ..engine.config import TrainConfig, resolve_config
+    from ..metrics import fd_name
     from ..models.sit import SIZES
 
     arms = study_arms(cfg)
@@ -124,7 +141,11 @@ def _study_record(cfg, flops, budget, plans, results, seeds) -> dict:
     tc = resolve_config(TrainConfig(method="erw", model=cfg.model))
     size = SIZES[cfg.model.removeprefix("SiT-").split("/")[0]]
     finals = [r for r in results if r["step"] == plans[r["arm"]].total_steps]
+    final_fid = {n: mean_std([r["fid"] for r in finals if r["arm"] == n])[0] for n in present}
     return dict(
+        encoder=cfg.encoder, encoder_desc=ENCODER_DESC.get(cfg.encoder, cfg.encoder), fd_key=fd_name(cfg.encoder),
+        fid_targets=fid_targets(final_fid, cfg.fid_targets), target_rule=target_rule(cfg),
+        fits=collect_fits(cfg, present, seeds), fit_desc=FIT_DESC,
         config=asdict(cfg), settings=study_settings(cfg), flops=flops, budget=budget,
         plans={n: asdict(p) for n, p in plans.items()}, arms=describe_arms(cfg, arms), present=present, seeds=seeds,
         main_arms=[a.name for a in arms if a.name in present and not (a.method == "erw" and a.stop is None
@@ -144,7 +165,7 @@ def _study_record(cfg, flops, budget, plans, results, seeds) -> dict:
 def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
     """Plan, train and evaluate every selected arm and seed (resuming what ``out`` holds), then write
     ``results.jsonl``, ``study.json``, the report and the plot. ``plan_only``: print the plan, write nothing."""
-    from .report import write_doc, write_plot
+    from .report import verdict, write_doc, write_plot
 
     check_config(cfg)
     doc, plot = report_paths(cfg)
@@ -155,6 +176,8 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
     say("convergence study: counting FLOPs per step ...")
     flops = probe_flops(cfg)
     budget, plans = plan_runs(flops, cfg.budget_steps, cfg.points, study_arms(cfg))
+    say(f"target encoder {cfg.encoder}; {cfg.points} evaluations per run ({cfg.num_samples} samples, {cfg.sampler} "
+        f"{cfg.sample_steps} steps); seeds {', '.join(map(str, cfg.seeds))}")
     print_plan(flops, budget, plans)
     if cfg.plan_only:
         return dict(flops=flops, budget=budget, plans=plans)
@@ -172,6 +195,7 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
         write_plot(cfg.plot, results, study)
     if cfg.doc:
         write_doc(cfg.doc, results, study)
+    say("verdict: " + verdict(results, study)["line"])
     say(f"convergence study done in {(time.time() - t_start) / 60:.1f} min: {cfg.doc or '-'}, {cfg.plot or '-'}")
     return dict(study=study, results=results)
 

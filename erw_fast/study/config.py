@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Dict, List, Optional, Tuple
 
+from ..encoders.digits import DEFAULT_DIGITS_ENCODER, DIGITS_ENCODERS
+
 
 @dataclass
 class StudyConfig:
@@ -23,10 +25,12 @@ class StudyConfig:
     seeds: Tuple[int, ...] = (0, 1, 2)
     # the runs
     model: str = "SiT-D8/2"
+    encoder: str = DEFAULT_DIGITS_ENCODER   # the target encoder (digits-ssl: label-free; digits-cnn: label-trained)
     projector_dim: int = 128
     features: str = "precomputed"    # the digits' target features: extracted once (counted) or online
     budget_steps: int = 400          # the compute budget per arm, in REPA steps (+ the feature extraction)
-    points: int = 4                  # evaluations at budget * i / points, i = 1..points
+    points: int = 8                  # evaluations at budget * i / points, i = 1..points (>= 2)
+    fid_targets: Optional[Tuple[float, ...]] = None   # FID targets τ of the speed figure (None: see plan.fid_targets)
     warmup_fractions: Tuple[float, ...] = (0.05, 0.10, 0.20, 0.40)   # ERW: share of the budget in the warmup
     stop_fraction: float = 0.5       # the -stop arms: the alignment ends once this share of the budget is spent
     stop_warmup: float = 0.10        # the warmup share of the ERW arm with the alignment stop
@@ -118,8 +122,15 @@ def selected_arms(cfg: StudyConfig) -> List[Arm]:
 
 def check_config(cfg: StudyConfig):
     """Every setting checked before anything is written; each error names its flag."""
-    if cfg.budget_steps < 1 or cfg.points < 1:
-        raise ValueError(f"--budget-steps and --points must be >= 1, got {cfg.budget_steps} and {cfg.points}")
+    if cfg.budget_steps < 1:
+        raise ValueError(f"--budget-steps must be >= 1, got {cfg.budget_steps}")
+    if cfg.points < 2:
+        raise ValueError(f"--points must be >= 2 (a curve needs two evaluations), got {cfg.points}")
+    if cfg.encoder not in DIGITS_ENCODERS:
+        raise ValueError(f"--encoder {cfg.encoder!r}: the digits study aligns to an embedded digits encoder, "
+                         f"one of {', '.join(DIGITS_ENCODERS)}")
+    if cfg.fid_targets is not None and (not cfg.fid_targets or any(not t > 0 for t in cfg.fid_targets)):
+        raise ValueError(f"--fid-targets must be positive FID values, got {list(cfg.fid_targets)}")
     if not cfg.seeds:
         raise ValueError("--seeds: give at least one seed")
     if cfg.num_samples < 2:
@@ -141,7 +152,7 @@ def check_config(cfg: StudyConfig):
 
 def study_settings(cfg: StudyConfig) -> Dict:
     """What the runs and evaluations in ``cfg.out`` depend on (a rerun in the same folder must match)."""
-    keep = ("model", "projector_dim", "features", "budget_steps", "points", "warmup_fractions", "stop_fraction",
+    keep = ("model", "encoder", "projector_dim", "features", "budget_steps", "points", "warmup_fractions", "stop_fraction",
             "stop_warmup", "num_samples", "sampler", "sample_steps", "cfg_scale", "eval_seed")
     d = {k: getattr(cfg, k) for k in keep}
     d["warmup_fractions"] = list(d["warmup_fractions"])

@@ -17,7 +17,8 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from functools import lru_cache
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ def train_config(cfg: StudyConfig, method: str, **kw):
     """The trainer's settings of a study run (every arm: the same model, data, optimiser)."""
     from ..engine import TrainConfig
 
-    return TrainConfig(method=method, model=cfg.model, projector_dim=cfg.projector_dim,
+    return TrainConfig(method=method, model=cfg.model, projector_dim=cfg.projector_dim, encoder=cfg.encoder,
                        features=cfg.features if method != "vanilla" else "online", **kw)
 
 
@@ -122,13 +123,27 @@ def extraction_seconds(folder: str) -> float:
     return float(sum(r["seconds"] for r in ev[:1]))
 
 
+@lru_cache(maxsize=2)
+def _encoder_space(name: str, digits: Tuple[int, ...] = tuple(range(10))):
+    """(feature network, reference (mu, sigma) of the embedded images of ``digits``) of ``fd_<name>``."""
+    from ..data.digits import load_digits
+    from ..encoders import build_encoder
+    from ..metrics import EncoderFeatures, encoder_fd_stats
+
+    enc = build_encoder(name)
+    x, y = load_digits(16)
+    return EncoderFeatures(enc), encoder_fd_stats(enc, x[torch.isin(y, torch.tensor(digits))])
+
+
 def evaluate_checkpoint(cfg: StudyConfig, path: str, ref_stats, extra_seconds: float = 0.0) -> dict:
-    """FID and classifier accuracy of the checkpoint's EMA model (class k scored as the digit its class
-    name says: a digits:5-9 run's class 0 is a 5); ``seconds``: its training wall clock (extraction and
-    warmup included)."""
+    """FID, classifier accuracy and ``fd_<encoder>`` (the FD in the target encoder's space) of the
+    checkpoint's EMA model, class k scored as the digit its class name says (a digits:5-9 run's class 0
+    is a 5; the FD reference holds the run's digits only); ``seconds``: its training wall clock
+    (extraction and warmup included). The encoder: ``cfg.encoder``, else the run's own."""
     from ..data.digits import class_digits
     from ..engine.checkpoint import read_training_checkpoint
-    from ..metrics import classifier_accuracy, compute_features, feature_stats, frechet_distance, get_feature_network
+    from ..metrics import (classifier_accuracy, compute_features, fd_name, feature_stats, frechet_distance,
+                           get_feature_network)
     from ..models.checkpoint import load_checkpoint
     from ..sampling.generate import generate
 
@@ -143,16 +158,42 @@ def evaluate_checkpoint(cfg: StudyConfig, path: str, ref_stats, extra_seconds: f
     wc = ckpt.get("warmup_cost") or {}
     seconds = float(ckpt.get("phase_seconds", 0.0)) + extra_seconds + \
         (float(wc.get("seconds", 0.0)) if ckpt["phase"] == "train" else 0.0)
-    digits = np.asarray(class_digits(ckpt["args"].get("class_names")))
-    return dict(fid=frechet_distance(mu, sigma, *ref_stats), accuracy=classifier_accuracy(arr, digits[labels], net),
-                seconds=seconds)
+    digits = tuple(class_digits(ckpt["args"].get("class_names")))
+    encoder = cfg.encoder or ckpt["args"]["encoder"]
+    enc_net, enc_ref = _encoder_space(encoder, digits)
+    fd = frechet_distance(*feature_stats(compute_features(arr, enc_net)), *enc_ref)
+    return {"fid": frechet_distance(mu, sigma, *ref_stats), fd_name(encoder): fd,
+            "accuracy": classifier_accuracy(arr, np.asarray(digits)[labels], net), "seconds": seconds}
+
+
+def warmup_fit(cfg: StudyConfig, plan: RunPlan, folder: str) -> Optional[dict]:
+    """The target encoder's fit after an ERW run's warmup: CKNNA at the aligned block between the
+    warmed-up model (its end-of-warmup checkpoint) and the encoder, on the probe's held-out digits
+    (``erw_fast.evaluation.probe``, its defaults: 256 validation images, t = 0, topk 10); kept in
+    ``<run>/fit.json``. None for arms without a warmup."""
+    from ..engine.checkpoint import checkpoint_path
+    from ..evaluation.probe import probe_checkpoint
+
+    if plan.method != "erw" or not plan.warmup_steps:
+        return None
+    path = os.path.join(folder, "fit.json")
+    if os.path.exists(path):
+        return json.load(open(path))
+    res = probe_checkpoint(checkpoint_path(folder, plan.warmup_steps), data="digits", encoder=cfg.encoder,
+                           noise_levels=())
+    block = res["aligned_block"]
+    fit = dict(arm=plan.arm, step=plan.warmup_steps, encoder=res["encoder"], aligned_block=block,
+               num_images=res["num_images"], topk=res["topk"], cknna=res["blocks"][block]["cknna"][0.0])
+    with open(path, "w") as f:
+        json.dump(fit, f)
+    return fit
 
 
 def evaluate_run(cfg: StudyConfig, plan: RunPlan, seed: int, flops: Dict[str, float], folder: str) -> List[dict]:
     """Evaluate the run's planned checkpoints that ``<run>/evals.jsonl`` does not hold yet; returns all."""
     from ..data.digits import class_digits
     from ..engine.checkpoint import checkpoint_path
-    from ..metrics import digits_reference_stats
+    from ..metrics import digits_reference_stats, fd_name
 
     path = os.path.join(folder, "evals.jsonl")
     have = {r["step"]: r for r in read_jsonl(path)}
@@ -170,7 +211,8 @@ def evaluate_run(cfg: StudyConfig, plan: RunPlan, seed: int, flops: Dict[str, fl
             f.write(json.dumps(rec) + "\n")
         have[k] = rec
         say(f"    {plan.arm} seed {seed} at {rec['fraction'] * 100:.0f}% of the budget (step {k}): FID {ev['fid']:.2f}, "
-            f"accuracy {ev['accuracy'] * 100:.1f}% ({rec['eval_seconds']:.0f} s to evaluate)")
+            f"{fd_name(cfg.encoder)} {ev[fd_name(cfg.encoder)]:.3g}, accuracy {ev['accuracy'] * 100:.1f}% "
+            f"({rec['eval_seconds']:.0f} s to evaluate)")
     return [have[k] for k in plan.eval_steps]
 
 
@@ -183,7 +225,8 @@ def run_arm(cfg: StudyConfig, plan: RunPlan, seed: int, flops: Dict[str, float],
         folder = train_run(cfg, plan, seed, threads)
         t1 = time.time()
         records = evaluate_run(cfg, plan, seed, flops, folder)
-        return dict(arm=plan.arm, seed=seed, records=records, train_wall=t1 - t0, eval_wall=time.time() - t1)
+        fit = warmup_fit(cfg, plan, folder)
+        return dict(arm=plan.arm, seed=seed, records=records, fit=fit, train_wall=t1 - t0, eval_wall=time.time() - t1)
     finally:
         torch.set_num_threads(before)
 
@@ -211,8 +254,9 @@ def _finished_line(i: int, n: int, job: Job, out: dict, t_start: float) -> str:
     recs = out["records"]
     fid = " → ".join(f"{r['fid']:.2f}" for r in recs)
     el = (time.time() - t_start) / 60
+    fit = f"; CKNNA after the warmup {out['fit']['cknna']:.3f}" if out.get("fit") else ""
     return (f"[{i}/{n}] {job.arm.name} seed {job.seed} done: trained in {out['train_wall']:.0f} s, evaluated in "
-            f"{out['eval_wall']:.0f} s; FID {fid} ({el:.1f} min so far, ~{el / i * (n - i):.1f} min left)")
+            f"{out['eval_wall']:.0f} s; FID {fid}{fit} ({el:.1f} min so far, ~{el / i * (n - i):.1f} min left)")
 
 
 def run_jobs(cfg: StudyConfig, jobs: Sequence[Job], flops: Dict[str, float]) -> None:
@@ -259,6 +303,17 @@ def collect_results(cfg: StudyConfig, plans: Dict[str, RunPlan], seeds: Sequence
         for s in seeds:
             recs = {r["step"]: r for r in read_jsonl(os.path.join(run_dir(cfg, name, s), "evals.jsonl"))}
             out += [recs[k] for k in plan.eval_steps if k in recs]
+    return out
+
+
+def collect_fits(cfg: StudyConfig, names: Sequence[str], seeds: Sequence[int]) -> Dict[str, Dict[str, dict]]:
+    """Per ERW arm and seed: the warmup fit (``<run>/fit.json``) where the run has one."""
+    out: Dict[str, Dict[str, dict]] = {}
+    for n in names:
+        for s in seeds:
+            path = os.path.join(run_dir(cfg, n, s), "fit.json")
+            if os.path.exists(path):
+                out.setdefault(n, {})[str(s)] = json.load(open(path))
     return out
 
 

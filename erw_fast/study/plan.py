@@ -10,6 +10,7 @@ spends the extraction's share on training too.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -97,8 +98,8 @@ def _eval_points(plan: RunPlan, flops: Dict[str, float], budget: float, points: 
 def plan_runs(flops: Dict[str, float], budget_steps: int, points: int,
               arms: Sequence[Arm]) -> Tuple[float, Dict[str, RunPlan]]:
     """The budget (``budget_steps`` REPA steps + the extraction) and every arm's plan."""
-    if budget_steps < 1 or points < 1:
-        raise ValueError(f"--budget-steps and --points must be >= 1, got {budget_steps} and {points}")
+    if budget_steps < 1 or points < 2:
+        raise ValueError(f"--budget-steps must be >= 1 and --points >= 2, got {budget_steps} and {points}")
     budget = budget_steps * flops["full"] + flops.get("features", 0.0)
     plans = {}
     for arm in arms:
@@ -154,15 +155,19 @@ def compute_ratios(results: List[dict], budget: float, seeds: Sequence[int], arm
     return rows
 
 
-def format_ratio(rows: List[dict], key: str = "ratio") -> str:
+BOUND = {"at_first": "≤ ", "ref_at_first": "≥ ", "both_at_first": "~"}  # a crossing at a first evaluation
+
+
+def format_ratio(rows: List[dict], key: str = "ratio", fmt: str = "{:.2f}") -> str:
     """``mean ± std (seed 0: …; seed 1: …)``; seeds that never got there are named, not averaged away
-    (``n/a``: the row's ``<key>_na`` says there was nothing to measure against)."""
+    (``n/a``: the row's ``<key>_na`` says there was nothing to measure against). A crossing at the first
+    evaluation is only a bound ("≤"; "≥" for a ratio whose reference crossed there; "~" both)."""
     if not rows or all(r.get(key + "_na") for r in rows):
         return "n/a"
     parts, vals = [], [r[key] for r in rows]
     for r, v in zip(rows, vals):
         parts.append(f"seed {r['seed']}: {'n/a' if r.get(key + '_na') else 'not reached'}" if v is None else
-                     f"seed {r['seed']}: {'≤ ' if r['kind'] == 'at_first' else ''}{v:.2f}")
+                     f"seed {r['seed']}: {BOUND.get(r['kind'], '')}{fmt.format(v)}")
     got = [v for v in vals if v is not None]
     if not got:
         return f"not reached in {'any of the' if len(vals) > 1 else 'the'} {len(vals)} seed{'s' * (len(vals) > 1)}"
@@ -170,5 +175,57 @@ def format_ratio(rows: List[dict], key: str = "ratio") -> str:
         head = f"**not reached in {len(vals) - len(got)} of {len(vals)} seeds**"
     else:
         m, s = mean_std(got)
-        head = f"**{m:.2f} ± {s:.2f}**" if len(got) > 1 else f"**{m:.2f}**"
+        head = f"**{fmt.format(m)} ± {fmt.format(s)}**" if len(got) > 1 else f"**{fmt.format(m)}**"
     return f"{head} ({'; '.join(parts)})"
+
+
+# --------------------------------------------------------------------------------------------
+# The speed figure: compute to reach fixed FID targets
+# --------------------------------------------------------------------------------------------
+TARGET_QUANTILES = (0.25, 0.5, 0.75)
+
+
+def fid_targets(final_fids: Dict[str, float], given: Optional[Sequence[float]] = None) -> List[float]:
+    """The FID targets τ: ``given`` (``--fid-targets``), else fixed by a rule stated before the run and
+    blind to which arm is which: the targets lie at the shares ``TARGET_QUANTILES`` between the best
+    and the worst arm's mean final FID on a log scale, τ_q = best · (worst / best)^(1 - q) (so q = 0.75 is
+    near the best arm's final FID), rounded up at the 3rd significant digit (so no target falls below
+    the best final FID); every arm's final FID counts alike."""
+    if given:
+        return sorted({float(t) for t in given}, reverse=True)
+    vals = [v for v in final_fids.values() if v is not None and np.isfinite(v) and v > 0]
+    if not vals:
+        return []
+    lo, hi = min(vals), max(vals)
+    return sorted({_round_up(lo * (hi / lo) ** (1 - q)) for q in TARGET_QUANTILES}, reverse=True)
+
+
+def _round_up(v: float, digits: int = 3) -> float:
+    unit = 10.0 ** (math.floor(math.log10(v)) - digits + 1)
+    return float(f"{math.ceil(v / unit - 1e-9) * unit:.{digits}g}")
+
+
+def reach_rows(results: List[dict], budget: float, seeds: Sequence[int], arm: str, target: float) -> List[dict]:
+    """Per seed that evaluated ``arm``: the compute (share of the budget, FLOPs) and training seconds at
+    which its FID curve first reaches ``target`` (interpolated between evaluations; ``kind``
+    "at_first" / "interpolated" / "not_reached": never extrapolated past the last evaluation)."""
+    rows = []
+    for s in seeds:
+        c = curve(results, arm, s)
+        if not c:
+            continue
+        x, kind = crossing([r["flops"] for r in c], [r["fid"] for r in c], target)
+        sec, _ = crossing([r["seconds"] for r in c], [r["fid"] for r in c], target)
+        rows.append(dict(seed=s, target_fid=target, kind=kind, flops=x,
+                         ratio=(x / budget if x is not None else None), seconds=sec))
+    return rows
+
+
+def relative_rows(rows: List[dict], reference: List[dict]) -> List[dict]:
+    """Per seed both reached the target: the arm's compute over the reference's (e.g. ERW's over REPA's)."""
+    ref = {r["seed"]: r for r in reference if r["flops"] is not None}
+    kinds = {(False, False): "interpolated", (True, False): "at_first", (False, True): "ref_at_first",
+             (True, True): "both_at_first"}
+    return [dict(seed=r["seed"], kind=kinds[(r["kind"] == "at_first", ref[r["seed"]]["kind"] == "at_first")],
+                 ratio=r["flops"] / ref[r["seed"]]["flops"])
+            for r in rows if r["flops"] is not None and r["seed"] in ref]

@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 
-from .plan import compute_ratios, curve, format_ratio, mean_std
+from .plan import compute_ratios, curve, format_ratio, mean_std, reach_rows, relative_rows
 
 NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
 
@@ -49,7 +49,7 @@ def _curve_panel(ax, results, study, names, key, scale):
     for name in names:
         groups: Dict[float, List[dict]] = {}
         for r in results:
-            if r["arm"] == name:
+            if r["arm"] == name and r.get(key) is not None:
                 groups.setdefault(round(r["fraction"], 6), []).append(r)
         if not groups:
             continue
@@ -93,16 +93,21 @@ def write_plot(path: str, results: List[dict], study: dict) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), dpi=100)
-    main, sweep = study["main_arms"], study["sweep"]
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8.5), dpi=100)
+    main, sweep, fd = study["main_arms"], ["vanilla", "repa"] + list(study["sweep"]), study["fd_key"]
     _curve_panel(axes[0, 0], results, study, main, "fid", 1.0)
-    axes[0, 0].set(ylabel="FID (digits features)", title="FID vs compute (lower is better)", yscale="log")
-    _curve_panel(axes[0, 1], results, study, ["vanilla", "repa"] + list(sweep), "fid", 1.0)
-    axes[0, 1].set(ylabel="FID (digits features)", title="ERW's warmup share", yscale="log")
-    _curve_panel(axes[1, 0], results, study, main, "accuracy", 100.0)
-    axes[1, 0].set(ylabel="classifier accuracy (%)", title="samples read as the requested digit")
-    _sweep_panel(axes[1, 1], results, study)
-    for ax in (axes[0, 0], axes[0, 1]):
+    axes[0, 0].set(ylabel="FID (digits classifier features)", title="FID vs compute (lower is better)", yscale="log")
+    _curve_panel(axes[0, 1], results, study, sweep, "fid", 1.0)
+    axes[0, 1].set(ylabel="FID (digits classifier features)", title="FID: ERW's warmup share", yscale="log")
+    _curve_panel(axes[0, 2], results, study, main, "accuracy", 100.0)
+    axes[0, 2].set(ylabel="classifier accuracy (%)", title="samples read as the requested digit")
+    _curve_panel(axes[1, 0], results, study, main, fd, 1.0)
+    axes[1, 0].set(ylabel=f"{fd} (target encoder's features)", title=f"{fd} vs compute (favours the aligned arms?)",
+                   yscale="log")
+    _curve_panel(axes[1, 1], results, study, sweep, fd, 1.0)
+    axes[1, 1].set(ylabel=f"{fd} (target encoder's features)", title=f"{fd}: ERW's warmup share", yscale="log")
+    _sweep_panel(axes[1, 2], results, study)
+    for ax in (axes[0, 0], axes[0, 1], axes[1, 0], axes[1, 1]):
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     s = study["settings"]
@@ -152,6 +157,7 @@ def _setup(study: dict) -> List[str]:
          f"- FLOPs per step, counted as the trainer counts them: full REPA/ERW step {per(f['full'])}, ERW warmup step "
          f"{per(f['warmup'])} (**{f['warmup'] / f['full'] * 100:.0f}%** of a full step; the paper: 42.2K of 224.8K "
          f"GFLOPs, 19%), vanilla step {per(f['vanilla'])}, a step after the alignment stopped {per(f['unaligned'])}.",
+         f"- Target encoder: `{study['encoder']}` ({study['encoder_desc']}).",
          f"- Target features: {s['features']}" + (f"; the one-off extraction ({per(f['features'])}) is charged to every "
                                                    "arm that aligns" if f.get("features") else "") + ".",
          f"- Budget per arm: {s['budget_steps']} REPA steps" + (" + the extraction" if f.get("features") else "") +
@@ -167,8 +173,11 @@ def _setup(study: dict) -> List[str]:
     L += ["", f"- Evaluation: EMA weights, {s['num_samples']} samples per checkpoint ({s['sampler']}, "
           f"{s['sample_steps']} steps, guidance {s['cfg_scale']:g}; the same per-index noise and balanced classes "
           "for every checkpoint). FID against all 1,797 digits in the feature space of the project's digits "
-          "classifier (not the target encoder, though both learned from the same labels); accuracy: the share of "
-          "samples that classifier reads as the requested digit.",
+          "classifier (trained with the labels; not the target encoder); accuracy: the share of samples that "
+          f"classifier reads as the requested digit. `{study['fd_key']}`: the Fréchet distance against the same "
+          "1,797 digits in the target encoder's space (mean-pooled tokens; `erw_fast.metrics.EncoderFeatures`), as "
+          "FD_DINOv2 is for DINOv2 — the aligned arms were trained towards that space and may be favoured by it, "
+          "so the independent classifier's FID stands beside it.",
           f"- Floor: {s['num_samples']} *real* digits score FID {fl:.2f} ± {fs:.2f} against the same reference.\n"]
     return L
 
@@ -177,14 +186,19 @@ def _by_fraction_tables(results: List[dict], study: dict) -> List[str]:
     budget, seeds = study["budget"], study["seeds"]
     fracs = sorted({round(r["fraction"], 6) for r in results})
     L = []
-    for key, title, fmt, scale in (("fid", "FID", "{:.2f}", 1.0), ("accuracy", "accuracy %", "{:.1f}", 100.0)):
+    fd = study["fd_key"]
+    for key, title, fmt, scale in (("fid", "FID", "{:.2f}", 1.0), (fd, f"{fd} (FD in the target encoder's space)",
+                                                                  "{:.3g}", 1.0), ("accuracy", "accuracy %", "{:.1f}", 100.0)):
+        if not any(r.get(key) is not None for r in results):
+            continue
         L += [f"**{title}** (mean ± std over seeds {', '.join(map(str, seeds))}; \"–\": inside the warmup)\n",
               "| arm | " + " | ".join(f"{q * 100:.0f}% ({q * budget / 1e12:.2f} TF)" for q in fracs) + " |",
               "|---|" + "---|" * len(fracs)]
         for name in study["present"]:
             cells = []
             for q in fracs:
-                g = [r[key] * scale for r in results if r["arm"] == name and round(r["fraction"], 6) == q]
+                g = [r[key] * scale for r in results if r["arm"] == name and round(r["fraction"], 6) == q
+                     and r.get(key) is not None]
                 cells.append(_pm(g, fmt) if g else "–")
             L.append(f"| {study['arms'][name]['label']} | " + " | ".join(cells) + " |")
         L.append("")
@@ -209,6 +223,74 @@ def _ratio_table(results: List[dict], study: dict) -> List[str]:
             cells += [format_ratio(rows), format_ratio(rows, "seconds_ratio")]
         L.append(f"| {arms[name]['label']} | " + " | ".join(cells) + " |")
     return L + [""]
+
+
+def _targets_table(results: List[dict], study: dict) -> List[str]:
+    """Compute and wall time to reach each fixed FID target τ, per arm, mean ± std over seeds."""
+    budget, seeds, arms, targets = study["budget"], study["seeds"], study["arms"], study["fid_targets"]
+    if not targets:
+        return []
+    L = ["## Compute to reach fixed FID targets\n",
+         f"Targets τ: {', '.join(f'{t:g}' for t in targets)} ({study['target_rule']}). Per arm and seed: the share of "
+         "the budget (FLOPs, extraction and warmup included) and the training seconds at which the FID curve first "
+         "reaches τ, linearly interpolated between evaluations, never extrapolated: a seed whose last evaluation is "
+         "above τ is \"not reached\"; \"≤\": already there at the first evaluation.\n",
+         "| arm | " + " | ".join(f"FID ≤ {t:g}: compute | seconds" for t in targets) + " |",
+         "|---|" + "---|---|" * len(targets)]
+    for name in study["present"]:
+        cells = []
+        for t in targets:
+            rows = reach_rows(results, budget, seeds, name, t)
+            cells += [format_ratio(rows), format_ratio(rows, "seconds", "{:.0f}")]
+        L.append(f"| {arms[name]['label']} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def _best_warmup(results: List[dict], study: dict):
+    """The ERW sweep arm with the lowest mean final FID (None without one)."""
+    fins = {n: [r["fid"] for r in finals(results, n, study["seeds"])] for n in study["sweep"] if n in study["present"]}
+    fins = {n: np.mean(v) for n, v in fins.items() if v}
+    return min(fins, key=fins.get) if fins else None
+
+
+def verdict(results: List[dict], study: dict) -> dict:
+    """The headline: the best warmup share Y (by mean final FID), the lowest target τ that it and REPA
+    reach in every seed, its compute over REPA's to reach τ (X ± s, per seed), and the encoder's fit Z
+    (CKNNA at the aligned block after that arm's warmup, mean ± std over seeds)."""
+    seeds, budget, best = study["seeds"], study["budget"], _best_warmup(results, study)
+    out = dict(arm=best, warmup=None, target=None, ratio=None, fit=None)
+    if best is None:
+        out["line"] = "no ERW warmup arm was evaluated: no verdict"
+        return out
+    out["warmup"] = study["arms"][best]["warmup"]
+    fits = [f["cknna"] for f in study.get("fits", {}).get(best, {}).values()]
+    out["fit"] = _pm(fits, "{:.3f}") if fits else "n/a"
+    for t in sorted(study["fid_targets"]) if "repa" in study["present"] else []:  # the lowest both reach in every seed
+        mine, ref = reach_rows(results, budget, seeds, best, t), reach_rows(results, budget, seeds, "repa", t)
+        rel = relative_rows(mine, ref)
+        if rel and len(rel) == len(mine) == len(ref):
+            out.update(target=t, ratio=format_ratio(rel).replace("**", ""))
+            break
+    share = f"{out['warmup'] * 100:g}%"
+    if out["target"] is None:
+        head = ("REPA was not evaluated" if "repa" not in study["present"] else
+                f"ERW (warmup {share}) and REPA reached none of the FID targets "
+                f"{', '.join(f'{t:g}' for t in study['fid_targets']) or '(none)'} together in every seed")
+    else:
+        head = f"ERW (warmup {share}) reached FID {out['target']:g} with {out['ratio']} of REPA's compute (warmup counted)"
+    out["line"] = (f"on this data {head}; best warmup share {share}; the target encoder's fit (CKNNA at the aligned "
+                   f"block after the warmup) {out['fit']}")
+    return out
+
+
+def _verdict_block(results: List[dict], study: dict) -> List[str]:
+    v = verdict(results, study)
+    return ["## Verdict\n", v["line"] + ".\n",
+            f"Best warmup share: the ERW sweep arm with the lowest mean final FID; τ: the lowest of the targets above "
+            f"that it and REPA reach in every seed; the ratio per seed is its FLOPs to τ over REPA's (same seed). The "
+            f"fit: CKNNA ({study['encoder']}, {study['fit_desc']}) of the arm's end-of-warmup checkpoint. "
+            f"{study['fd_key']} is measured in the space of the encoder the aligned arms were trained towards and "
+            "may favour them; the FID beside it comes from the independent digits classifier.\n"]
 
 
 def _sweep_table(results: List[dict], study: dict) -> List[str]:
@@ -246,8 +328,9 @@ def _sweep_table(results: List[dict], study: dict) -> List[str]:
 
 def _per_seed_table(results: List[dict], study: dict) -> List[str]:
     L = ["## Per seed (final checkpoint)\n",
-         "| arm | seed | FID | accuracy % | seconds | final velocity loss | final alignment loss |",
-         "|---|---|---|---|---|---|---|"]
+         f"| arm | seed | FID | {study['fd_key']} | accuracy % | seconds | final velocity loss | final alignment loss | "
+         "CKNNA after the warmup |",
+         "|---|---|---|---|---|---|---|---|---|"]
     for name in study["present"]:
         for s in study["seeds"]:
             cv = finals(results, name, [s])
@@ -256,8 +339,11 @@ def _per_seed_table(results: List[dict], study: dict) -> List[str]:
             lo = study["losses"].get(name, {}).get(str(s)) or {}
             al = f"{lo['align']:.3f}" if lo and study["arms"][name]["method"] != "vanilla" and \
                 study["arms"][name]["stop"] is None else "–"
-            L.append(f"| {study['arms'][name]['label']} | {s} | {cv[-1]['fid']:.2f} | {cv[-1]['accuracy'] * 100:.1f} | "
-                     f"{cv[-1]['seconds']:.0f} | {lo.get('velocity', float('nan')):.4f} | {al} |")
+            fd, fit = cv[-1].get(study["fd_key"]), study.get("fits", {}).get(name, {}).get(str(s))
+            L.append(f"| {study['arms'][name]['label']} | {s} | {cv[-1]['fid']:.2f} | "
+                     f"{'–' if fd is None else format(fd, '.3g')} | {cv[-1]['accuracy'] * 100:.1f} | "
+                     f"{cv[-1]['seconds']:.0f} | {lo.get('velocity', float('nan')):.4f} | {al} | "
+                     f"{'–' if not fit else format(fit['cknna'], '.3f')} |")
     return L + ["", "Losses: mean of the single-batch values logged in the last 10% of full training. Seconds: the "
                 "run's training wall clock (extraction and warmup included).\n"]
 
@@ -267,9 +353,9 @@ def write_doc(path: str, results: List[dict], study: dict) -> str:
     if study["config"]["plot"]:
         rel = os.path.relpath(study["config"]["plot"], os.path.dirname(os.path.abspath(path)) or ".")
         L.append(f"![FID and accuracy against training compute, and the warmup sweep]({rel})\n")
-    L += ["## Results\n"] + _by_fraction_tables(results, study) + _ratio_table(results, study)
-    L += _sweep_table(results, study) + _per_seed_table(results, study)
-    L += ["## Notes\n", _keep_notes(path), ""]
+    L += ["## Results\n"] + _by_fraction_tables(results, study) + _targets_table(results, study)
+    L += _ratio_table(results, study) + _sweep_table(results, study) + _per_seed_table(results, study)
+    L += ["## Notes\n", _keep_notes(path), ""] + _verdict_block(results, study)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n".join(L))
