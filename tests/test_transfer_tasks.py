@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from erw_fast.data import DigitsData, digit_classes, load_train_data
+from erw_fast.encoders.digits import DEFAULT_DIGITS_ENCODER as D
 from erw_fast.engine import TrainConfig, resolve_config, train
 from erw_fast.method.transfer import apply_transfer, encoder_family, plan_labels, plan_transfer
 from erw_fast.models import build_model
@@ -159,8 +160,8 @@ def test_subset_reference_and_accuracy_score_real_digits():
 
 def test_resolution_any_multiple_of_the_patch_and_the_encoder_is_kept(tmp_path):
     folder = make_folder(tmp_path / "f", classes=("a", "b"), per_class=3, side=20, mode="L")
-    c = resolve_config(TrainConfig(data=f"imagefolder:{folder}", resolution=16, model="SiT-D/2", encoder="digits-cnn"))
-    assert c.encoder == "digits-cnn" and c.resolution == 16  # an explicit encoder is never replaced
+    c = resolve_config(TrainConfig(data=f"imagefolder:{folder}", resolution=16, model="SiT-D/2", encoder=D))
+    assert c.encoder == D and c.resolution == 16  # an explicit encoder is never replaced
     assert resolve_config(TrainConfig(data=f"imagefolder:{folder}")).encoder == "dinov2-vit-b"  # the default
     for res, model in ((18, "SiT-D/4"), (2, "SiT-D/4")):
         with pytest.raises(ValueError, match=rf"--resolution {res}: use a multiple of {model}'s patch size 4"):
@@ -186,7 +187,7 @@ def digits_warmup(tmp_path_factory):
 def test_digits_warmup_starts_an_image_folder_run(tmp_path, digits_warmup, capsys):
     folder = make_folder(tmp_path / "shapes", classes=("1", "3", "seven"), per_class=4, side=20)
     res = train(TrainConfig(out=str(tmp_path / "run"), data=f"imagefolder:{folder}", resolution=16, model="SiT-D/2",
-                            encoder="digits-cnn", warmup_from=digits_warmup, steps=2, **TINY))
+                            encoder=D, warmup_from=digits_warmup, steps=2, **TINY))
     assert res.status == "finished" and res.steps == 4
     err = capsys.readouterr().err
     assert "note: not carried from the warmup:" in err and "x_embedder (patch embedding) (input channels: warmup 1 " \
@@ -196,14 +197,14 @@ def test_digits_warmup_starts_an_image_folder_run(tmp_path, digits_warmup, capsy
     assert {f["group"] for f in tr["fresh"]} == {"x_embedder (patch embedding)", "y_embedder (label rows)",
                                                    "projectors.0"}  # image folders default to --projector-dim 2048
     ckpt = torch.load(res.checkpoint, weights_only=True)
-    assert ckpt["transfer"]["fresh"] == tr["fresh"] and ckpt["args"]["encoder"] == "digits-cnn"
+    assert ckpt["transfer"]["fresh"] == tr["fresh"] and ckpt["args"]["encoder"] == D
 
 
 def test_an_image_folder_warmup_starts_a_digits_run(tmp_path):
     folder = make_folder(tmp_path / "grey", classes=("0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "x"),
                          per_class=2, side=16, mode="L")
     warm = str(tmp_path / "warm")
-    train(TrainConfig(out=warm, data=f"imagefolder:{folder}", resolution=16, model="SiT-D/2", encoder="digits-cnn",
+    train(TrainConfig(out=warm, data=f"imagefolder:{folder}", resolution=16, model="SiT-D/2", encoder=D,
                       projector_dim=256, warmup_steps=2, steps=0, **TINY))
     res = train(TrainConfig(out=str(tmp_path / "digits"), data="digits:5-9",
                             warmup_from=os.path.join(warm, "checkpoints", "0000002.pt"), steps=2, **TINY))
@@ -260,4 +261,4 @@ def test_another_target_encoder_family_is_refused(tmp_path, digits_warmup, tiny_
     assert main(["--warmup-from", digits_warmup, "--out", str(out), "--no-progress", "--encoder", "dinov2-vit-b",
                  "--encoder-path", tiny_dinov2_dir]) == 2
     err = capsys.readouterr().err
-    assert "target encoder family: warmup digits-cnn vs this run dinov2 (--encoder)" in err and not out.exists()
+    assert f"target encoder family: warmup {D} vs this run dinov2 (--encoder)" in err and not out.exists()
