@@ -19,9 +19,14 @@ Needs torch, triton and numpy (no pytest).  Sections, in the order they run (``-
   compile_fused  torch.compile(fullgraph=True) of an adaLN block + loss written with the custom ops,
                  under bf16 autocast, matches eager and the Triton kernels ran.
   sweep          a small tile-size sweep of the layernorm_modulate kernels.
+  fp8            --precision fp8 (torchao float8 linears) vs bf16: SiT-XL/2 full ERW step, compiled, batch
+                 32, 20 steps from the same weights: img/s, MFU against the bf16 peak, every step's loss
+                 (they must agree within 5% on average). Needs a card of compute capability >= 8.9 and
+                 torchao (not run otherwise, saying how to carry the wheel: docs/BENCHMARKS.md).
   steps          training-step benchmarks, naive vs ours (bench/step_bench.py) -> OUTDIR/step_results.*
 The dry run runs every section at tiny sizes on CPU (memory: code path only; compile_fused with the
-aot_eager backend; steps: the small digits config, eager, batch 8).
+aot_eager backend; steps: the small digits config, eager, batch 8; fp8: the small config, emulated
+float8, eager, 3 steps).
 
 Budget: one hard wall-clock bound, ``--budget-s`` (default 270) counted from process start (before
 torch is imported).  A section starts only when at least its minimum time is left, else it is recorded
@@ -31,7 +36,8 @@ the remaining seconds minus a margin.  A watchdog ends the process at the bound 
 after writing the results with that section marked failed.
 
 Writes OUTDIR/results.json (everything) and OUTDIR/results.md (tables) after every section, prints
-the tables and a per-section summary last.  Exit status: 0 when every selected section ran to the
+the tables and a per-section summary last. One module per section: bench/gpu_sections/<name>.py
+(``run(ctx)``), listed with its budget weight in bench/gpu_sections/common.py:SECTIONS.  Exit status: 0 when every selected section ran to the
 end and passed; 1 when any failed, was skipped (budget) or stopped early; 2 when a dependency is
 missing or no CUDA device is present without --dry-run.
 """

@@ -22,6 +22,7 @@ SECTIONS = {
     "memory": (5, 2, 0.5, "projection_cosine_loss peak memory fused vs eager (CPU: code path only)"),
     "compile_fused": (30, 30, 2, "torch.compile(fullgraph) of the custom ops under bf16 autocast vs eager"),
     "sweep": (20, 5, 0.5, "tile-size sweep of the layernorm_modulate kernels"),
+    "fp8": (50, 45, 3, "SiT-XL/2 full ERW step compiled, bf16 vs --precision fp8: img/s, MFU, 20 steps' losses"),
     "steps": (120, 80, 6, "training-step benchmark naive vs ours (bench/step_bench.py)"),
 }
 END_MARGIN_S = 3.0    # kept free at the end of the budget for the summary and the last write
@@ -106,7 +107,7 @@ def _check_deps():
 # results, report and the hard bound (no torch here: the watchdog may run before torch is imported)
 
 RESULTS = {"meta": {}, "sections": {}, "correctness": [], "timings": [], "bandwidth": {}, "memory": {},
-           "sweep": [], "steps": {}, "errors": []}
+           "sweep": [], "fp8": {}, "steps": {}, "errors": []}
 LOCK = threading.RLock()
 STATE = {"running": None, "done": False}
 
@@ -217,6 +218,7 @@ def markdown():
     out.append("```\n" + json.dumps(RESULTS["memory"], indent=1) + "\n```")
     out.append("\n## Timings (median ms)\n")
     out.append(timing_table())
+    out += fp8_markdown()
     if RESULTS["steps"]:
         out.append("\n## Training steps\n")
         out.append(f"budget given: {RESULTS['steps'].get('budget_s')} s; table in step_results.md\n")
@@ -226,6 +228,27 @@ def markdown():
         for e in RESULTS["errors"]:
             out.append(f"- {e.get('section')} {e.get('case', '')}: {e['error']}")
     return "\n".join(out) + "\n"
+
+
+def fp8_markdown():
+    f = RESULTS["fp8"]
+    if not f:
+        return []
+    out = ["\n## fp8 (torchao float8 linears) vs bf16, full ERW step\n"]
+    if f.get("not_run"):
+        return out + [f"not run: {f['not_run']}"]
+    if "bf16" not in f:
+        return out + ["did not finish"]
+    out += [f"{f['size']}, batch {f['batch']}, {f['steps']} steps from the same weights and batches, recipe "
+            f"{f['recipe']}, compiled: {f['compile']}\n",
+            "| precision | img/s | MFU (bf16 peak) | first step s | mean loss | last loss |", "|---|---|---|---|---|---|"]
+    for name in ("bf16", "fp8"):
+        r = f[name]
+        mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        out.append(f"| {name} | {r['img_per_s']:.1f} | {mfu} | {r['first_step_s']:.1f} | "
+                   f"{sum(r['losses']) / len(r['losses']):.4f} | {r['losses'][-1]:.4f} |")
+    out.append(f"\nfp8/bf16 speed {f['speedup']:.2f}x; mean loss relative difference {f['mean_loss_rel_diff']:.2%}")
+    return out
 
 
 def finish():
