@@ -567,17 +567,22 @@ def fp8_skip_reason(device) -> "str | None":
     return None
 
 
-def _fp8_run(cfg, device, encoder, batches, recipe, compile, seed=0):
-    """Per-step losses and seconds of ``len(batches)`` full ERW steps (``recipe`` None = bf16), from the
-    same initial weights; FLOPs of the step counted on the eager bf16 model (the engine's rule)."""
+def fp8_trainer(cfg, device, encoder, batch, recipe, compile, seed=0):
+    """(Trainer of the full ERW step, FLOPs of its step): ``recipe`` None = bf16 autocast, else
+    ``--precision fp8`` with that recipe; FLOPs counted on the eager bf16 model (the engine's rule)."""
     from erw_fast.engine import Trainer
 
     _, model = build_model_pair(cfg, False, device, encoder.dim, seed)
     objective = make_objective("full", model, cfg, cfg["l2r_depth"], fused_align_setting(device))
     trainer = Trainer(model, objective, [encoder], lr=cfg["lr"], ema_decay=cfg["ema_decay"], grad_clip=1.0,
                       amp=True, device=device, fp8=recipe)
-    flops = trainer.count_step_flops(engine_batch("full", batches[0]), SCHEDULE_STEP)
-    trainer.wrap(compile=compile)
+    flops = trainer.count_step_flops(engine_batch("full", batch), SCHEDULE_STEP)
+    return trainer.wrap(compile=compile), flops
+
+
+def _fp8_run(cfg, device, encoder, batches, recipe, compile, seed=0):
+    """Per-step losses and seconds of ``len(batches)`` full ERW steps from the same initial weights."""
+    trainer, flops = fp8_trainer(cfg, device, encoder, batches[0], recipe, compile, seed)
     losses, secs = [], []
     for b in batches:
         t0 = time.perf_counter()

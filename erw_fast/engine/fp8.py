@@ -25,8 +25,9 @@ import torch.nn as nn
 RECIPES = ("tensorwise", "rowwise")   # torchao's Float8LinearRecipeName values offered here
 MIN_CAPABILITY = (8, 9)               # float8 tensor cores: Ada (8.9) and Hopper (9.0) and newer
 ROWWISE_MIN_CAPABILITY = (9, 0)       # torch's row-wise scaled matmul needs Hopper or newer
-TORCHAO_HINT = ("pip install torchao (for torch 2.13: torchao 0.18; for torch 2.11 without network: carry the "
-                "wheel and pip install --no-deps, see docs/BENCHMARKS.md)")
+TORCHAO_HINT = ("pip install torchao (torch 2.13: 0.18.0; torch 2.11: 0.17.0). Without network (the GPU machine): "
+                "elsewhere run 'pip download --no-deps torchao==0.17.0 -d wheels', copy wheels/torchao-0.17.0-*.whl "
+                "over, there run 'pip install --no-deps torchao-0.17.0-*.whl' (docs/BENCHMARKS.md)")
 
 # The linears worth float8 (names as REPA's SiT spells them): the attention's qkv and output
 # projections, the MLP's fc1/fc2 and the projector MLP's first two layers. Left out on purpose:
