@@ -216,3 +216,15 @@ def test_fp8_fsdp_two_processes_match_one(tmp_path, free_port):
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5, msg=k)
         torch.testing.assert_close(b["ema"][k], a["ema"][k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_cli_flags_and_one_line_refusal(tmp_path, capsys):
+    from erw_fast.train import build_parser, config_from_args, main
+
+    c = config_from_args(build_parser().parse_args(["--precision", "fp8", "--fp8-recipe", "rowwise"]))
+    assert (c.precision, c.fp8_recipe) == ("fp8", "rowwise")
+    assert config_from_args(build_parser().parse_args([])).precision is None  # a resume keeps the checkpoint's
+    out = tmp_path / "run"
+    assert main(["--precision", "bf16", "--fp8-recipe", "rowwise", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fp8-recipe rowwise applies to --precision fp8" in err[0] and not out.exists()
