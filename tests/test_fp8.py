@@ -228,3 +228,20 @@ def test_cli_flags_and_one_line_refusal(tmp_path, capsys):
     assert main(["--precision", "bf16", "--fp8-recipe", "rowwise", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--fp8-recipe rowwise applies to --precision fp8" in err[0] and not out.exists()
+
+
+def test_float8_all_gather_weights_are_stored_as_plain_tensors():
+    """On CUDA with FSDP the tensorwise recipe wraps weights in torchao's WeightWithDynamicFloat8CastTensor;
+    the checkpoint writer unwraps them (and the CPU config leaves the all-gather off: gloo has no float8)."""
+    from torchao.float8.float8_training_tensor import LinearMMConfig
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    w = torch.randn(32, 16)
+    wrapped = WeightWithDynamicFloat8CastTensor(w.clone(), LinearMMConfig(), torch.float8_e4m3fn)
+    assert type(wrapped) is not torch.Tensor
+    plain = fp8.plain_tensor(wrapped)
+    assert type(plain) is torch.Tensor and torch.equal(plain, w)
+    assert fp8.fp8_config("tensorwise", "cuda", fsdp=True).enable_fsdp_float8_all_gather
+    assert not fp8.fp8_config("rowwise", "cuda", fsdp=True).enable_fsdp_float8_all_gather
+    cpu = fp8.fp8_config("tensorwise", "cpu", fsdp=True)
+    assert cpu.emulate and not cpu.enable_fsdp_float8_all_gather

@@ -103,9 +103,10 @@ def convert_to_fp8(model: nn.Module, recipe: str, device, fsdp: bool = False) ->
 
 
 def plain_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A plain ``torch.Tensor`` of ``t``'s values (torchao's float8 all-gather wraps FSDP weights in a
-    tensor subclass; checkpoints hold plain tensors)."""
-    inner = getattr(t, "_tensor", None)  # WeightWithDynamicFloat8CastTensor keeps the high-precision weight here
-    if inner is not None and type(t) is not torch.Tensor:
+    """A plain ``torch.Tensor`` of ``t``'s values: torchao's float8 all-gather (FSDP on CUDA) wraps the
+    weights in a tensor subclass that keeps the high-precision weight as ``_tensor``; checkpoints hold
+    plain tensors."""
+    inner = getattr(t, "_tensor", None)
+    if type(t) is not torch.Tensor and isinstance(inner, torch.Tensor):
         t = inner
-    return t.detach() if type(t) is torch.Tensor else torch.Tensor(t.detach()).as_subclass(torch.Tensor)
+    return t.detach()
