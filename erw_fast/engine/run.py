@@ -146,9 +146,9 @@ def _make_folder(cfg: TrainConfig, d: Dist, ckpt: Optional[dict], bar: RunProgre
     barrier(d.world)
 
 
-def _precision_label(cfg: TrainConfig, amp: bool) -> str:
+def _precision_label(cfg: TrainConfig, amp: bool, device) -> str:
     if cfg.precision == "fp8":
-        return f"fp8 ({cfg.fp8_recipe}{', emulated' if cfg.device == 'cpu' or not torch.cuda.is_available() else ''})"
+        return f"fp8 ({cfg.fp8_recipe}{', emulated' if device.type == 'cpu' else ''})"
     return "bf16" if amp else "fp32"
 
 
@@ -165,7 +165,7 @@ def _banner(run: Run) -> str:
     return (f"erw_fast.train: {cfg.method} | {cfg.model} on {cfg.data} | encoder "
             f"{cfg.encoder if method.needs_encoder else '-'} | {warm}{cfg.steps} steps | batch {cfg.batch_size} "
             f"x {run.dist.world} proc | lr {cfg.lr:g} | λ {sched} @ block {cfg.encoder_depth} | EMA {cfg.ema_decay} "
-            f"| rope {cfg.rope} qk-norm {cfg.qk_norm} | {run.dist.device.type} {_precision_label(cfg, amp)}"
+            f"| rope {cfg.rope} qk-norm {cfg.qk_norm} | {run.dist.device.type} {_precision_label(cfg, amp, run.dist.device)}"
             f"{' compiled' if cfg.compile else ''}{' fsdp' if cfg.fsdp and run.dist.world > 1 else ''} | out {cfg.out}")
 
 
