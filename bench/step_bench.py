@@ -593,10 +593,11 @@ def _fp8_run(cfg, device, encoder, batches, recipe, compile, seed=0):
     return [float(v) for v in losses], secs, flops
 
 
-def fp8_comparison(size, device, steps=20, batch=None, recipe="tensorwise", compile=True, warm=3):
+def fp8_comparison(size, device, steps=20, batch=None, recipe="tensorwise", compile=True, warm=3, stop=None):
     """bf16 vs fp8 full ERW steps of ``size`` on the same ``steps`` batches: img/s (median of the
     steps after the first ``warm``, which compile), MFU against the bf16 peak (CUDA), every step's
-    loss, and whether the mean losses agree within ``FP8_LOSS_RTOL``."""
+    loss, and whether the mean losses agree within ``FP8_LOSS_RTOL``. ``stop(name)``, asked before
+    each precision runs, may return True to leave it out (a time budget): then ``agree`` is None."""
     cfg = dict(SIZES[size])
     device = torch.device(device)
     B = batch or cfg["batch"]
@@ -604,6 +605,9 @@ def fp8_comparison(size, device, steps=20, batch=None, recipe="tensorwise", comp
     batches = make_batches(cfg, device, B, n=steps)
     out = dict(size=size, batch=B, steps=steps, recipe=recipe, compile=compile, device=str(device))
     for name, rec in (("bf16", None), ("fp8", recipe)):
+        if stop is not None and stop(name):
+            out["agree"] = None
+            return out
         losses, secs, flops = _fp8_run(cfg, device, encoder, batches, rec, compile)
         med = statistics.median(secs[warm:] if len(secs) > warm else secs)
         out[name] = dict(losses=losses, first_step_s=secs[0], median_step_s=med, img_per_s=B / med,

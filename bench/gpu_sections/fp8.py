@@ -24,10 +24,12 @@ def run(ctx):
     if not CUDA:
         torch.set_num_threads(1)
     try:
-        res = fp8_comparison(device=DEV, **(CUDA_PLAN if CUDA else DRY_PLAN))
+        res = fp8_comparison(device=DEV, stop=lambda name: ctx.over(f"{name} steps"), **(CUDA_PLAN if CUDA else DRY_PLAN))
     finally:
         torch.set_num_threads(threads)
     RESULTS["fp8"].update(res)
+    if res["agree"] is None:  # its share ran out before both precisions ran (recorded by ctx.over)
+        return
     for name in ("bf16", "fp8"):
         r = res[name]
         mfu = f", MFU {100 * r['mfu']:.1f}% of bf16 peak" if r["mfu"] is not None else ""
