@@ -1,7 +1,7 @@
 """``--precision fp8``: torchao's float8 training of the SiT's large linears.
 
 ``torchao.float8.convert_to_float8_training`` swaps the chosen ``nn.Linear``s for ``Float8Linear``s
-that cast input, weight and output gradient to float8 (e4m3 forward, e5m2 gradients) with dynamic
+that cast input, weight and output gradient to float8 (tensorwise: e4m3 forward, e5m2 gradients) with dynamic
 scales and run the three GEMMs of a linear in float8; everything else runs under bf16 autocast. The
 swapped modules keep the same ``weight``/``bias`` parameters (fp32 master weights, the same optimizer
 state, the same state-dict keys), so checkpoints stay REPA-layout plain tensors, and the EMA copy
