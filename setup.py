@@ -31,9 +31,13 @@ setup(
     packages=packages,
     package_data={"erw_fast": ["assets/*"]},
     include_package_data=True,
-    # torch>=2.4 has torch.library.custom_op; CI pins the local CPU wheel (torch==2.13.0).
+    # torch>=2.5: torch.library.custom_op (2.4) and the public torch.distributed.tensor (2.5; ERW's
+    # warmup -> full transfer reads the warmup weights through it). --fsdp (fully_shard) and the export
+    # (aoti_compile_and_package) need >= 2.6; --precision fp8 needs torchao >= 0.17, i.e. torch >= 2.11.
+    # Verified (tests run): torch 2.13.0 (CI, the local CPU wheel) and torch 2.11.0 + triton 3.6.0
+    # (the GPU machine's stack; the CPU test files listed in docs/BENCHMARKS.md). Older versions: not run.
     # pillow: PNG files and sample grids (erw_fast.utils.images); tqdm: progress bars
-    install_requires=["torch>=2.4", "numpy", "tqdm", "pillow"],
+    install_requires=["torch>=2.5", "numpy", "tqdm", "pillow"],
     extras_require={
         # real-scale inputs: SD-VAE latents (diffusers), DINOv2 (transformers), shards
         "data": DATA_EXTRA,

@@ -17,6 +17,10 @@ table (``bench/_step_report.py``) prints naive img/s, ours img/s and the ratio p
 CPU: fp32, one intra-op thread (``ERW_STEP_THREADS`` to change), ``ERW_STEP_ROUNDS`` timed rounds,
 ``ERW_STEP_BATCH`` to override the batch (default: 64 CPU, 256 SiT-B/2, 64 SiT-XL/2).
 ``ERW_STEP_SIZES`` (comma-separated: small, SiT-B/2, SiT-XL/2) overrides the sizes.
+
+``test_step_fp8[<size>]``: our full ERW step with ``--precision fp8`` (torchao float8 linears,
+compiled; img/s and MFU against the bf16 peak in extra_info); skipped, saying why, without a CUDA
+card of compute capability >= 8.9 and torchao (CPU float8 is torchao's emulation: no speed to measure).
 """
 import gc
 import os
@@ -144,3 +148,28 @@ def test_step(benchmark, case):
             assert row["ratio"] > 0
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("size", [s for s in SIZES if s != "small"] or ["small"])
+def test_step_fp8(benchmark, size):
+    why = sb.fp8_skip_reason(DEV) if CUDA else ("--precision fp8 is timed on a CUDA card of compute capability "
+                                                 ">= 8.9; on CPU torchao only emulates float8 (numerics, no speed)")
+    if why:
+        pytest.skip(why)
+    _CACHE.clear()
+    _free()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = dict(sb.SIZES[size])
+    if os.environ.get("ERW_STEP_BATCH"):
+        cfg["batch"] = int(os.environ["ERW_STEP_BATCH"])
+    enc = sb.build_target_encoder(cfg["encoder"], DEV, cfg["input_size"])
+    batches = sb.make_batches(cfg, DEV)
+    trainer, flops = sb.fp8_trainer(cfg, DEV, enc, batches[0], "tensorwise", compile=True)
+    step = lambda b: trainer.train_step(sb.engine_batch("full", b), sb.SCHEDULE_STEP)  # noqa: E731
+    sb.warm_up(step, batches, DEV, 3)  # compiles the blocks with the float8 casts
+    benchmark.group = f"train-step-{size}-full-fp8"
+    benchmark.pedantic(_Cycle(step, batches), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    med = _median(benchmark)
+    benchmark.extra_info.update(step_kind="full", side="ours", size=size, batch=cfg["batch"], dtype="fp8 (tensorwise)",
+                                img_per_s=cfg["batch"] / med if med else None, flops_per_step=flops,
+                                mfu=flops / med / sb.H100_BF16_DENSE if (med and flops) else None)

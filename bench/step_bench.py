@@ -544,6 +544,85 @@ def write_results(outdir, rows, meta, stem="step_results"):
 
 
 # --------------------------------------------------------------------------------------------
+# --precision fp8 (torchao float8 linears) against bf16: the full ERW step, same weights and batches
+# --------------------------------------------------------------------------------------------
+FP8_LOSS_RTOL = 0.05  # mean loss of the same steps, fp8 vs bf16 (measured on CPU: see docs/training.md)
+
+
+def fp8_skip_reason(device) -> "str | None":
+    """Why the fp8 step cannot be measured here (None when it can): a CUDA card of compute capability
+    >= 8.9 (or the CPU, emulated) and torchao are needed."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            return (f"--precision fp8 needs a CUDA card of compute capability >= 8.9 (Ada/Hopper); "
+                    f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}")
+    try:
+        import torchao.float8  # noqa: F401
+    except Exception as e:
+        from erw_fast.engine.fp8 import TORCHAO_HINT
+
+        return f"torchao does not import ({type(e).__name__}): {TORCHAO_HINT}"
+    return None
+
+
+def fp8_trainer(cfg, device, encoder, batch, recipe, compile, seed=0):
+    """(Trainer of the full ERW step, FLOPs of its step): ``recipe`` None = bf16 autocast, else
+    ``--precision fp8`` with that recipe; FLOPs counted on the eager bf16 model (the engine's rule)."""
+    from erw_fast.engine import Trainer
+
+    _, model = build_model_pair(cfg, False, device, encoder.dim, seed)
+    objective = make_objective("full", model, cfg, cfg["l2r_depth"], fused_align_setting(device))
+    trainer = Trainer(model, objective, [encoder], lr=cfg["lr"], ema_decay=cfg["ema_decay"], grad_clip=1.0,
+                      amp=True, device=device, fp8=recipe)
+    flops = trainer.count_step_flops(engine_batch("full", batch), SCHEDULE_STEP)
+    return trainer.wrap(compile=compile), flops
+
+
+def _fp8_run(cfg, device, encoder, batches, recipe, compile, seed=0):
+    """Per-step losses and seconds of ``len(batches)`` full ERW steps from the same initial weights."""
+    trainer, flops = fp8_trainer(cfg, device, encoder, batches[0], recipe, compile, seed)
+    losses, secs = [], []
+    for b in batches:
+        t0 = time.perf_counter()
+        out = trainer.train_step(engine_batch("full", b), SCHEDULE_STEP)
+        sync(device)
+        secs.append(time.perf_counter() - t0)
+        losses.append(out.loss)
+    return [float(v) for v in losses], secs, flops
+
+
+def fp8_comparison(size, device, steps=20, batch=None, recipe="tensorwise", compile=True, warm=3, stop=None):
+    """bf16 vs fp8 full ERW steps of ``size`` on the same ``steps`` batches: img/s (median of the
+    steps after the first ``warm``, which compile), MFU against the bf16 peak (CUDA), every step's
+    loss, and whether the mean losses agree within ``FP8_LOSS_RTOL``. ``stop(name)``, asked before
+    each precision runs, may return True to leave it out (a time budget): then ``agree`` is None."""
+    cfg = dict(SIZES[size])
+    device = torch.device(device)
+    B = batch or cfg["batch"]
+    encoder = build_target_encoder(cfg["encoder"], device, cfg["input_size"])
+    batches = make_batches(cfg, device, B, n=steps)
+    out = dict(size=size, batch=B, steps=steps, recipe=recipe, compile=compile, device=str(device))
+    for name, rec in (("bf16", None), ("fp8", recipe)):
+        if stop is not None and stop(name):
+            out["agree"] = None
+            return out
+        losses, secs, flops = _fp8_run(cfg, device, encoder, batches, rec, compile)
+        med = statistics.median(secs[warm:] if len(secs) > warm else secs)
+        out[name] = dict(losses=losses, first_step_s=secs[0], median_step_s=med, img_per_s=B / med,
+                         flops_per_step=flops,
+                         mfu=flops / med / H100_BF16_DENSE if (device.type == "cuda" and flops) else None)
+        _free()
+    a, b = statistics.fmean(out["bf16"]["losses"]), statistics.fmean(out["fp8"]["losses"])
+    out["mean_loss_rel_diff"] = abs(b - a) / max(abs(a), 1e-12)
+    out["speedup"] = out["fp8"]["img_per_s"] / out["bf16"]["img_per_s"]
+    finite = all(math.isfinite(v) for v in out["bf16"]["losses"] + out["fp8"]["losses"])
+    out["agree"] = finite and out["mean_loss_rel_diff"] <= FP8_LOSS_RTOL
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # The GPU-check entry point
 # --------------------------------------------------------------------------------------------
 def _free():

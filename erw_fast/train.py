@@ -14,8 +14,8 @@ import argparse
 import sys
 
 from .engine import TrainConfig, train
-from .encoders.digits import DEFAULT_DIGITS_ENCODER
-from .engine.config import DATA_DEFAULTS, MODEL_DEFAULTS
+from .engine.config import DATA_DEFAULTS, MODEL_DEFAULTS, PRECISIONS
+from .engine.fp8 import RECIPES as FP8_RECIPES
 from .method.alignment import ALIGNMENT_LOSSES
 from .method.schedules import SCHEDULES
 from .sampling import SAMPLERS
@@ -110,8 +110,15 @@ def _optimisation_flags(g, d, t):
     g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (default 1.0)")
     g.add_argument("--ema-decay", type=float, help=f"EMA decay per step (default {d['ema_decay']} on digits, "
                    "0.9999 ImageNet)")
-    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto = bf16 autocast on CUDA (normalisations in fp32), fp32 on CPU")
+    g.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (default) = bf16 autocast on CUDA (normalisations in fp32), fp32 on CPU; fp8 = torchao "
+                   "float8 training of the blocks' qkv/proj/fc1/fc2 and the projectors' first two layers, bf16 "
+                   "autocast for the rest, fp32 master weights/optimizer/EMA (CUDA: compute capability >= 8.9 and "
+                   "--compile; CPU: torchao's slow emulation, for checking numerics). Resuming keeps the "
+                   "checkpoint's unless given")
+    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, help="--precision fp8: torchao's scaling recipe, tensorwise "
+                   "(default) or rowwise (one scale per row; torchao documents it as more accurate with less speed-up; CUDA "
+                   "capability >= 9.0)")
     g.add_argument("--seed", type=int, default=0, help="seed of init, data order and every per-sample draw (default 0)")
     g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 helps on a "

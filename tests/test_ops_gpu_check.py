@@ -13,7 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
-SECTIONS = ["correctness", "timings", "bandwidth", "memory", "compile_fused", "sweep", "steps"]
+SECTIONS = ["correctness", "timings", "bandwidth", "memory", "compile_fused", "sweep", "fp8", "steps"]
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU path; on CUDA run the real check")
 
 
@@ -87,7 +87,7 @@ def test_failed_section_fails_the_run_and_only_runs_the_subset(tmp_path):
 def test_section_without_budget_to_start_is_skipped_and_fails_the_run(tmp_path):
     # --skip for a subset; the hidden --section-min-s makes steps need more time than is left
     out = tmp_path / "out"
-    r, text = run(tmp_path, str(out), "--dry-run", "--skip", "correctness,timings,bandwidth,compile_fused,sweep",
+    r, text = run(tmp_path, str(out), "--dry-run", "--skip", "correctness,timings,bandwidth,compile_fused,sweep,fp8",
                   "--section-min-s", "steps=1e6")
     assert r.returncode == 1, text[-4000:]
     res, md = results(out)
@@ -138,3 +138,14 @@ def test_missing_dependency_is_one_line_exit_2(tmp_path, missing):
 def test_without_cuda_says_so(tmp_path):
     r, text = run(tmp_path, str(tmp_path / "out"), interpret=False, timeout=120)
     assert r.returncode == 2 and "no CUDA device" in r.stdout, text
+
+
+@cpu_only
+def test_fp8_section_says_how_to_carry_torchao_when_it_is_missing(tmp_path):
+    out = tmp_path / "out"
+    r, text = run(tmp_path, str(out), "--dry-run", "--only", "fp8", block=("pytest", "torchao"), timeout=120)
+    assert r.returncode == 1, text[-4000:]  # not measured: the run is incomplete
+    res, md = results(out)
+    assert res["sections"]["fp8"]["status"] == "incomplete"
+    for needle in ("pip install --no-deps", "docs/BENCHMARKS.md"):
+        assert needle in res["fp8"]["not_run"] and needle in md

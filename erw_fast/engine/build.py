@@ -75,7 +75,8 @@ def build_net(cfg: TrainConfig, data, z_dims: List[int], warm: bool) -> SiT:
 
 
 def uses_bf16(cfg: TrainConfig, device) -> bool:
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and torch.device(device).type == "cuda")
+    """bf16 autocast: --precision bf16 and fp8 (the linears fp8 leaves out run in bf16), auto on CUDA."""
+    return cfg.precision in ("bf16", "fp8") or (cfg.precision == "auto" and torch.device(device).type == "cuda")
 
 
 def fused_setting(cfg: TrainConfig, device):
@@ -95,7 +96,8 @@ def phase_trainer(cfg: TrainConfig, phase: str, model: SiT, encoders: List, devi
     objective = Objective(model, cfg.l2r_depth if warm else None, get_method(cfg.method).align, schedule_of(cfg),
                           cfg.align_loss, cfg.temperature, fused_align)
     return Trainer(model, objective, encoders, lr=cfg.lr, ema_decay=cfg.ema_decay, grad_clip=cfg.grad_clip, amp=amp,
-                   device=device, first_step=first_step, grad_accum=cfg.grad_accum)
+                   device=device, first_step=first_step, grad_accum=cfg.grad_accum,
+                   fp8=cfg.fp8_recipe if cfg.precision == "fp8" else None)
 
 
 def measure_step_flops(config: TrainConfig) -> Dict[str, float]:

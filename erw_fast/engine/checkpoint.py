@@ -165,6 +165,8 @@ def resume_config(config: TrainConfig, ckpt_args: dict) -> TrainConfig:
         v = getattr(config, k)
         if v is not None:
             setattr(base, k, v)
+    if config.precision is not None:  # a new precision comes with its own recipe (or none)
+        base.fp8_recipe = config.fp8_recipe
     for k in RESUME_FROM_CALL:
         setattr(base, k, getattr(config, k))
     return base

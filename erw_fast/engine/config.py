@@ -18,6 +18,7 @@ from ..encoders.digits import DEFAULT_DIGITS_ENCODER
 from ..method.alignment import ALIGNMENT_LOSSES
 from ..method.recipes import MODEL_DEFAULTS, get_method, model_defaults  # noqa: F401  (re-exported)
 from ..method.schedules import SCHEDULES
+from .fp8 import RECIPES as FP8_RECIPES
 
 # Per dataset: run length and optimisation (the digits values are chosen for a few CPU minutes).
 DATA_DEFAULTS = {
@@ -42,7 +43,7 @@ DATA_DEFAULTS = {
     ),
 }
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp8")
 
 
 @dataclass
@@ -95,7 +96,8 @@ class TrainConfig:
     grad_checkpoint: bool = False            # recompute each block's activations in the backward
     fsdp: bool = False                       # shard parameters, gradients, optimizer state (FSDP2) under torchrun
     ema_decay: Optional[float] = None
-    precision: str = "auto"
+    precision: Optional[str] = None         # auto (None) | fp32 | bf16 | fp8 (torchao float8 linears + bf16 autocast)
+    fp8_recipe: Optional[str] = None        # --precision fp8: tensorwise (default) | rowwise scaling
     seed: int = 0
     device: str = "auto"
     threads: Optional[int] = None           # CPU threads for torch (None = torch's default)
@@ -132,7 +134,8 @@ class TrainConfig:
 RESUME_OVERRIDABLE = ("encoder_path", "steps", "inception", "eval_ref", "sample_every", "ckpt_every", "ckpt_at",
                       "ckpt_every_minutes", "keep_last",
                       "log_every", "attn_backend", "fused",
-                      "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class")
+                      "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class", "precision",
+                      "fp8_recipe")
 RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device",
                     "threads", "prefetch", "grad_accum", "grad_checkpoint", "fsdp", "eval_every", "eval_samples",
                     "eval_batch", "align_probe_every")
@@ -167,6 +170,10 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     _check_resolution(c)
     if c.lambda_schedule is None:
         c.lambda_schedule = method.schedule
+    if c.precision is None:
+        c.precision = "auto"
+    if c.precision == "fp8" and c.fp8_recipe is None:
+        c.fp8_recipe = "tensorwise"
     c.ckpt_at = tuple(sorted({int(v) for v in (c.ckpt_at or ())}))
     if not method.warmup:
         c.warmup_steps = 0
@@ -214,6 +221,10 @@ def _check_choices(c: TrainConfig):
         raise ValueError(f"unknown alignment loss {c.align_loss!r}; choose one of {tuple(ALIGNMENT_LOSSES)}")
     if c.precision not in PRECISIONS:
         raise ValueError(f"unknown precision {c.precision!r}; choose one of {PRECISIONS}")
+    if c.fp8_recipe is not None and c.fp8_recipe not in FP8_RECIPES:
+        raise ValueError(f"--fp8-recipe {c.fp8_recipe!r}: choose one of {', '.join(FP8_RECIPES)}")
+    if c.fp8_recipe is not None and c.precision != "fp8":
+        raise ValueError(f"--fp8-recipe {c.fp8_recipe} applies to --precision fp8 (got --precision {c.precision})")
 
 
 def _check_depths(c: TrainConfig, method, depth: int):
@@ -313,12 +324,17 @@ def _check_sampling(c: TrainConfig):
                          "use --class-dropout > 0 or --cfg-scale 1")
 
 
-def check_environment(c: TrainConfig):
+def check_environment(c: TrainConfig, device=None):
     """What this machine must offer for ``c`` (the device is checked where it is chosen, in
-    ``utils.distributed.pick_device``): Triton for ``--fused triton``, the attention backend. Checked
-    before the run folder is created."""
+    ``utils.distributed.pick_device``): Triton for ``--fused triton``, the attention backend, and for
+    ``--precision fp8`` torchao and a card that has float8 (on ``device``). Checked before the run
+    folder is created."""
     from .. import ops
 
+    if c.precision == "fp8" and device is not None:
+        from .fp8 import check_fp8
+
+        check_fp8(c.fp8_recipe, c.compile, device)
     if c.fused == "triton" and not ops.triton_available():
         raise ValueError("--fused triton: triton is not importable; pip install triton, or use --fused auto/torch")
     from ..models.attention import resolve_backend

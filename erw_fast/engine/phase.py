@@ -36,6 +36,8 @@ def build_trainer(run, phase: str, model, ckpt):
                           d.device, prefetch=cfg.prefetch)
     flops = _count_flops(trainer, batches, k, n_steps, d.world)
     trainer.wrap(compile=cfg.compile, world=d.world, fsdp=cfg.fsdp)
+    if trainer.fp8:
+        run.log.write({"event": "fp8", "phase": phase, "recipe": trainer.fp8, "float8_linears": trainer.fp8_linears})
     return trainer, batches, flops
 
 
@@ -156,6 +158,8 @@ def _log(run, phase: str, out, step: int, k: int, n_steps: int, window: dict, el
                **{"lambda": out.lam}, grad_norm=float(out.grad_norm), img_per_s=rate, lr=run.cfg.lr, time=elapsed)
     if flops.stop_at is not None:  # with an alignment stop, the step's cost changes: log it
         rec["flops_per_step"] = flops.at(k - 1)
+    if run.cfg.precision == "fp8":  # float8 linears: the FLOPs counted are the same, the step is not bf16
+        rec["fp8"] = run.cfg.fp8_recipe
     run.log.write(rec)
     warm = phase == PHASE_WARMUP
     fields = {"loss": lv}

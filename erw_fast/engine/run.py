@@ -102,7 +102,7 @@ def _open_run(config: TrainConfig, d: Dist):
         if folder_holds_checkpoints(cfg.out):
             raise RunFolderError(f"output folder {cfg.out!r} already holds a run; pass --resume to continue it or "
                                  "choose another --out")
-    check_environment(cfg)
+    check_environment(cfg, d.device)
     if cfg.batch_size % d.world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
     if (cfg.batch_size // d.world) % cfg.grad_accum:
@@ -146,6 +146,12 @@ def _make_folder(cfg: TrainConfig, d: Dist, ckpt: Optional[dict], bar: RunProgre
     barrier(d.world)
 
 
+def _precision_label(cfg: TrainConfig, amp: bool, device) -> str:
+    if cfg.precision == "fp8":
+        return f"fp8 ({cfg.fp8_recipe}{', emulated' if device.type == 'cpu' else ''})"
+    return "bf16" if amp else "fp32"
+
+
 def _banner(run: Run) -> str:
     cfg, method, amp = run.cfg, run.method, run.amp
     sched = "none"
@@ -159,7 +165,7 @@ def _banner(run: Run) -> str:
     return (f"erw_fast.train: {cfg.method} | {cfg.model} on {cfg.data} | encoder "
             f"{cfg.encoder if method.needs_encoder else '-'} | {warm}{cfg.steps} steps | batch {cfg.batch_size} "
             f"x {run.dist.world} proc | lr {cfg.lr:g} | λ {sched} @ block {cfg.encoder_depth} | EMA {cfg.ema_decay} "
-            f"| rope {cfg.rope} qk-norm {cfg.qk_norm} | {run.dist.device.type} {'bf16' if amp else 'fp32'}"
+            f"| rope {cfg.rope} qk-norm {cfg.qk_norm} | {run.dist.device.type} {_precision_label(cfg, amp, run.dist.device)}"
             f"{' compiled' if cfg.compile else ''}{' fsdp' if cfg.fsdp and run.dist.world > 1 else ''} | out {cfg.out}")
 
 

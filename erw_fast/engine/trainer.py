@@ -46,7 +46,8 @@ class Trainer:
     """Owns ``model`` (moved to ``device``), its EMA copy, AdamW and the ``objective``'s runner."""
 
     def __init__(self, model: nn.Module, objective: Objective, encoders: List, *, lr: float, ema_decay: float,
-                 grad_clip: float, amp: bool, device, first_step: int = 0, grad_accum: int = 1):
+                 grad_clip: float, amp: bool, device, first_step: int = 0, grad_accum: int = 1,
+                 fp8: Optional[str] = None):
         self.device = torch.device(device)
         on_device = all(t.device == self.device for t in (*model.parameters(), *model.buffers()))
         self.model = model if on_device else model.to(self.device)
@@ -62,6 +63,8 @@ class Trainer:
         self._step = torch.full((), int(first_step), dtype=torch.long, device=self.device)
         self.inject_nan_at: Optional[int] = None  # testing hook: a NaN loss at this (global) step
         self.lr, self.fsdp = lr, False
+        self.fp8 = fp8  # the float8 recipe (--precision fp8): the linears are swapped in wrap()
+        self.fp8_linears = 0
 
     # ---------------------------------------------------------------- state
     def load_state(self, ckpt: dict):
@@ -75,14 +78,27 @@ class Trainer:
         if self.fsdp:
             from . import fsdp
 
-            return fsdp.full_state(self.model, self.ema_model, self.opt, self._names)
-        return {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                "ema": {k: v.detach().cpu() for k, v in self.ema_model.state_dict().items()},
-                "opt": self.opt.state_dict()}
+            state = fsdp.full_state(self.model, self.ema_model, self.opt, self._names)
+        else:
+            state = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                     "ema": {k: v.detach().cpu() for k, v in self.ema_model.state_dict().items()},
+                     "opt": self.opt.state_dict()}
+        if self.fp8:  # float8 all-gather (FSDP on CUDA) wraps weights in a subclass: store plain tensors
+            from .fp8 import plain_tensor
+
+            for key in ("model", "ema"):
+                state[key] = {k: plain_tensor(v) for k, v in state[key].items()}
+        return state
 
     def wrap(self, compile: bool = False, world: int = 1, fsdp: bool = False):
-        """``--compile`` (each SiT block, fullgraph), then DDP over the objective or FSDP2 (``fsdp``);
-        after counting FLOPs (on the eager, unsharded model)."""
+        """``--precision fp8`` (swap the large linears for torchao's float8 ones; the EMA copy stays
+        plain), ``--compile`` (each SiT block, fullgraph), then DDP over the objective or FSDP2
+        (``fsdp``); after counting FLOPs (on the eager, unsharded, bf16 model: MFU stays against the
+        bf16 peak)."""
+        if self.fp8:
+            from .fp8 import convert_to_fp8
+
+            self.fp8_linears = convert_to_fp8(self.model, self.fp8, self.device, fsdp=fsdp and world > 1)
         if compile:
             self.model.compile_blocks()
         if fsdp and world > 1:

@@ -25,8 +25,39 @@ POISON = False
 
 
 def interpret_env() -> bool:
-    """True when the environment asks for the Triton CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    """True when the environment asks for the Triton CPU interpreter (and then makes sure the
+    interpreter can run our kernels: ``fix_interpreter_loop_bounds``)."""
+    on = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    if on:
+        fix_interpreter_loop_bounds()
+    return on
+
+
+def fix_interpreter_loop_bounds() -> bool:
+    """Triton 3.6's CPU interpreter (the torch 2.11 stack) turns a scalar kernel argument used as a
+    ``range`` bound into ``int(1-element array)``, which numpy >= 2.4 refuses ("only 0-dimensional
+    arrays can be converted to Python scalars"); newer Triton squeezes the array first. Wrap the
+    interpreter's tensor patch to read the one element instead. No-op on a Triton that does it
+    already or has no interpreter; returns True when the fix was applied."""
+    try:
+        import inspect
+
+        from triton.runtime import interpreter as itp
+
+        patch = itp._patch_lang_tensor
+        old = "int(self.handle.data))" in inspect.getsource(patch)
+    except Exception:  # another Triton layout: nothing to fix here
+        return False
+    if not old or getattr(patch, "erw_fixed", False):
+        return False
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched.erw_fixed = True
+    itp._patch_lang_tensor = patched
+    return True
 
 
 def count_launch(name, n=1):
