@@ -18,7 +18,7 @@ import sys
 import torch
 
 from ..models.checkpoint import CHECKSUM_KEY, CorruptCheckpointError, content_checksum, list_checkpoints, read_checkpoint
-from .config import RESUME_FROM_CALL, RESUME_OVERRIDABLE, TrainConfig
+from .config import RESUME_FROM_CALL, RESUME_OVERRIDABLE, TrainConfig, config_from_checkpoint_args, resolve_config
 
 FORMAT = "erw_fast.train/1"
 TRAINING_KEYS = ("model", "ema", "opt", "args", "steps", "phase", "phase_step")
@@ -157,17 +157,54 @@ def set_aside_newer_checkpoints(out: str, step: int) -> list:
     return newer
 
 
-def resume_config(config: TrainConfig, ckpt_args: dict) -> TrainConfig:
-    """The checkpoint's settings, with what a new call may change taken from ``config``."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = TrainConfig(**{k: v for k, v in ckpt_args.items() if k in names})
+def resume_config(config: TrainConfig, ckpt_args: dict, path: str = "the checkpoint") -> TrainConfig:
+    """The checkpoint's settings, with what a new call may change taken from ``config``. Any other
+    setting the call gives on purpose (``TrainConfig.given_fields``) must resolve to the run's own
+    value: otherwise one error names each such flag with both values (nothing is ignored silently)."""
+    base = config_from_checkpoint_args(ckpt_args, path)
     for k in RESUME_OVERRIDABLE:
         v = getattr(config, k)
         if v is not None:
             setattr(base, k, v)
     for k in RESUME_FROM_CALL:
         setattr(base, k, getattr(config, k))
+    _check_unchanged(config, base, path)
     return base
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def _check_unchanged(config: TrainConfig, base: TrainConfig, path: str):
+    """``--resume`` keeps the run's settings: a flag outside the ones that may change must give the
+    run's value (compared after defaults are filled in, so ``--encoder digits-cnn`` on latent data
+    equals the ``dinov2-vit-b`` it became)."""
+    fixed = [k for k in config.given_fields() if k not in RESUME_OVERRIDABLE + RESUME_FROM_CALL]
+    if not fixed:
+        return
+    asked = dataclasses.replace(base, **{k: getattr(config, k) for k in fixed})
+    try:
+        mine, theirs = resolve_config(asked), resolve_config(base)
+    except ValueError:
+        mine, theirs = asked, base
+    diffs = [k for k in fixed if not _same(getattr(mine, k), getattr(theirs, k))]
+    if not diffs:
+        return
+    listed = ", ".join(f"--{k.replace('_', '-')} {_show(getattr(config, k))} (the run has "
+                       f"{_show(getattr(theirs, k))})" for k in diffs)
+    hint = (" --warmup-from only starts a new run (another --out)." if "warmup_from" in diffs else "")
+    raise ValueError(f"--resume {path} continues the run with its own settings, and {len(diffs)} flag(s) given here "
+                     f"differ from them: {listed}. Leave them out (or give the run's values), or start a new run "
+                     f"in another --out.{hint} Flags that may change on --resume: see docs/training.md")
+
+
+def _show(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 @dataclasses.dataclass

@@ -89,11 +89,17 @@ def summary_lines(cfg, result, state) -> str:
     if state.transfer:
         lines.append(f"  transfer: {state.transfer['num_keys']} tensors from step {state.transfer['from_step']}")
     last = s.get("last") or {}
-    nan = float("nan")
-    lines.append(f"  train  : {cfg.steps} steps, {fmt_seconds(s.get('train_seconds', 0))}, "
-                 f"{human_flops(s.get('train_flops_total') or 0)}; final loss "
-                 f"{last.get('loss', nan):.4f} (velocity {last.get('loss_velocity', nan):.4f}, "
-                 f"align {last.get('loss_align', nan):.4f})")
+    if cfg.steps == 0:  # a warmup-only run: no full-training step, so no full-training loss to report
+        wl = s.get("warmup_last") or {}
+        lines.append("  train  : none (a warmup-only run; --resume --steps N trains on)"
+                     + (f"; final warmup align loss {wl['loss_align']:.4f}" if "loss_align" in wl else ""))
+    elif "loss" in last:
+        lines.append(f"  train  : {cfg.steps} steps, {fmt_seconds(s.get('train_seconds', 0))}, "
+                     f"{human_flops(s.get('train_flops_total') or 0)}; final loss "
+                     f"{last['loss']:.4f} (velocity {last['loss_velocity']:.4f}, align {last['loss_align']:.4f})")
+    else:
+        lines.append(f"  train  : {cfg.steps} steps, {fmt_seconds(s.get('train_seconds', 0))}, "
+                     f"{human_flops(s.get('train_flops_total') or 0)}")
     if "sample_accuracy" in s:
         lines.append(f"  samples: {s['sample_accuracy'] * 100:.0f}% read as the requested digit by the digits "
                      "classifier")

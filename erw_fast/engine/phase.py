@@ -268,6 +268,7 @@ def _end_phase(run, trainer, phase, status, k, seconds, flops, last):
     if phase == PHASE_WARMUP:
         if st.warmup_cost is None:
             _record_warmup_cost(run, trainer, seconds, flops)
+        run.result.summary["warmup_last"] = last
         return
     step = cfg.warmup_steps + k
     if not ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step in cfg.ckpt_at):

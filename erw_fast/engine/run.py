@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -95,7 +96,8 @@ def _open_run(config: TrainConfig, d: Dist):
     fresh folder, everything checked before anything is written."""
     if config.resume:
         path, ckpt = open_resume_checkpoint(config)
-        cfg = resolve_config(resume_config(config, ckpt["args"]))
+        cfg = resolve_config(resume_config(config, ckpt["args"], path))
+        _check_resume_position(cfg, ckpt, path)
     else:
         config, warm = _with_warmup_source(config)
         cfg, ckpt, path = resolve_config(config), None, None
@@ -109,6 +111,25 @@ def _open_run(config: TrainConfig, d: Dist):
         raise ValueError(f"--grad-accum {cfg.grad_accum} does not divide the per-process batch "
                          f"{cfg.batch_size // d.world} (--batch-size {cfg.batch_size} over {d.world} processes)")
     return cfg, ckpt, path, (warm if not config.resume else None)
+
+
+def _finished(cfg: TrainConfig, ckpt: Optional[dict]) -> bool:
+    """Whether the checkpoint is the end of the run these settings describe (nothing left to train)."""
+    if ckpt is None:
+        return False
+    k = int(ckpt["phase_step"])
+    if ckpt["phase"] == PHASE_TRAIN:
+        return k >= cfg.steps
+    return cfg.steps == 0 and k >= cfg.warmup_steps  # a warmup-only run
+
+
+def _check_resume_position(cfg: TrainConfig, ckpt: dict, path: str):
+    """``--steps`` below where the run already is: one error (a finished run is handled in ``_train``)."""
+    k = int(ckpt["phase_step"])
+    if ckpt["phase"] == PHASE_TRAIN and k > cfg.steps:
+        raise ValueError(f"--steps {cfg.steps}: the run in {cfg.out} is already at full-training step {k} ({path}); "
+                         f"--steps is the total number of full-training steps, so give at least {k} (more to "
+                         "continue training)")
 
 
 def _with_warmup_source(config: TrainConfig):
@@ -166,6 +187,12 @@ def _banner(run: Run) -> str:
 def _train(config: TrainConfig) -> TrainResult:
     d = setup_distributed(config.device)
     cfg, ckpt, ckpt_path, warm = _open_run(config, d)
+    if _finished(cfg, ckpt):
+        if d.main:
+            print(f"{cfg.out} is finished: {ckpt_path} is its last step ({int(ckpt['steps'])}); nothing to do, "
+                  "nothing written. To train further: --resume --steps N with N above "
+                  f"{int(ckpt['phase_step']) if ckpt['phase'] == PHASE_TRAIN else 0}", file=sys.stderr)
+        return TrainResult(out=cfg.out, status="finished", steps=int(ckpt["steps"]), checkpoint=ckpt_path)
     method = get_method(cfg.method)
     from ..data import class_names_of, load_train_data
 
