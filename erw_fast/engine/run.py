@@ -23,6 +23,7 @@ from ..method.transfer import transfer_warmup, warmup_mismatches
 from ..models.sit import SiT
 from ..utils.distributed import Dist, barrier, setup_distributed
 from ..utils.progress import RunProgress
+from ..utils.runlock import RunLock
 from ..utils.seeding import BatchIndexer
 from .build import build_net, feature_extraction, fused_setting, load_encoders, uses_bf16
 from .checkpoint import (read_warmup_source, clear_failed_start, set_aside_newer_checkpoints, folder_holds_checkpoints, open_resume_checkpoint, remove_stale_temp_files,
@@ -186,6 +187,17 @@ def _banner(run: Run) -> str:
 
 def _train(config: TrainConfig) -> TrainResult:
     d = setup_distributed(config.device)
+    lock = RunLock(config.out, "train") if d.main else None  # one writer per run folder (rank 0 writes)
+    try:
+        if lock is not None:
+            lock.acquire(create=False)  # an existing folder: locked before it is read
+        return _train_locked(config, d, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config: TrainConfig, d: Dist, lock) -> TrainResult:
     cfg, ckpt, ckpt_path, warm = _open_run(config, d)
     if _finished(cfg, ckpt):
         if d.main:
@@ -204,6 +216,8 @@ def _train(config: TrainConfig) -> TrainResult:
     if ckpt is not None:
         _check_resume_weights(cfg, data, encoders, ckpt, ckpt_path)
     bar = RunProgress(enabled=d.main, bar=cfg.progress)
+    if lock is not None:
+        lock.acquire()  # a new folder is made (and locked) only now, once everything is checked
     _make_folder(cfg, d, ckpt, bar)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
