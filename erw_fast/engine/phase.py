@@ -18,6 +18,7 @@ from .checkpoint import FORMAT, checkpoint_path, save_atomic
 from .errors import NonFiniteLossError
 from .logging import fmt_seconds, human_flops
 from .samples import sample_and_save
+from .signals import StopRequested
 from .trainer import Trainer
 
 
@@ -107,7 +108,7 @@ def _samples(run, trainer: Trainer, step: int):
 
     model = trainer.sampling_model(lambda: SiT(**trainer.model.config()))  # FSDP: a collective gather
     sample_and_save(run.cfg, model, run.data, run.dist.device, step, run.amp, run.dist.main, run.log, run.result,
-                    run.dist.world)
+                    run.dist.world, stop=run.signals.stoppable(run.dist.world))
 
 
 def _evaluate(run, trainer: Trainer, step: int, window: dict):
@@ -220,10 +221,13 @@ def run_phase(run, phase: str, model, ckpt) -> str:
             _check_finite(run, trainer, phase)
         if do_log:
             last = _log(run, phase, out, step, k, n_steps, window, seconds(), flops)
-        if cfg.sample_every and not warm and step % cfg.sample_every == 0 and k < n_steps:
-            _samples(run, trainer, step)
-        if cfg.eval_every and not warm and step % cfg.eval_every == 0:
-            _evaluate(run, trainer, step, window)
+        try:
+            if cfg.sample_every and not warm and step % cfg.sample_every == 0 and k < n_steps:
+                _samples(run, trainer, step)
+            if cfg.eval_every and not warm and step % cfg.eval_every == 0:
+                _evaluate(run, trainer, step, window)
+        except StopRequested:  # a signal during a grid or an evaluation: stop with a checkpoint now
+            stop_now = True
         if probe is not None and step % cfg.align_probe_every == 0:
             probe(run, trainer.model, step, phase)
         if warm and k == n_steps:  # recorded before the end-of-warmup checkpoint, which carries it
@@ -236,7 +240,13 @@ def run_phase(run, phase: str, model, ckpt) -> str:
             break
     batches.close()
     run.result.steps = offset + k
-    _end_phase(run, trainer, phase, status, k, seconds(), flops, last)
+    try:
+        _end_phase(run, trainer, phase, status, k, seconds(), flops, last)
+    except StopRequested as e:  # during the final grid: the final checkpoint is written already
+        run.bar.message(f"stopped during the final sample grid (signal {e.signum}); training is complete and its "
+                        f"checkpoint {run.result.checkpoint} is written, the grid is not (python -m erw_fast.sample "
+                        f"--ckpt {cfg.out} --out {os.path.join(cfg.out, 'final.npz')} makes one)")
+        run.result.signal, status = e.signum, "interrupted"
     return status
 
 

@@ -151,8 +151,9 @@ class LatentDecoder:
 # --------------------------------------------------------------------------------------------
 def generate(model, indices: Sequence[int], shape, classes: Sequence[int], *, seed: int = 0,
              sampler: str = "sde", steps: int = 250, cfg_scale: float = 1.0, guidance_interval=(0.0, 1.0),
-             batch_size: int = 64, decoder=None, show_progress: bool = False):
-    """uint8 (len(indices), H, W, C) samples and their labels for the given sample indices."""
+             batch_size: int = 64, decoder=None, show_progress: bool = False, step_progress=None):
+    """uint8 (len(indices), H, W, C) samples and their labels for the given sample indices.
+    ``step_progress`` wraps each batch's sampler steps (e.g. a training run's stop-signal check)."""
     indices = [int(i) for i in indices]
     params = next(model.parameters())
     device = params.device
@@ -163,7 +164,8 @@ def generate(model, indices: Sequence[int], shape, classes: Sequence[int], *, se
             idx = indices[start:start + batch_size]
             noise, gens = sample_noise(idx, shape, seed, device=device, dtype=torch.float32)
             x = sample(model, noise, labels_all[start:start + len(idx)].to(device), sampler=sampler, steps=steps,
-                       cfg_scale=cfg_scale, guidance_interval=guidance_interval, generator=gens)
+                       cfg_scale=cfg_scale, guidance_interval=guidance_interval, generator=gens,
+                       progress=step_progress)
             if decoder is not None:
                 x = decoder(x)
             chunks.append(to_uint8(x.float().clamp(-1, 1).cpu()).transpose(0, 2, 3, 1))
