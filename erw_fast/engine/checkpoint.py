@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import sys
+from typing import List, Optional
 
 import torch
 
@@ -122,27 +123,50 @@ def _check_belongs(path: str, out: str):
                          "or an empty --out")
 
 
-def truncate_metrics(out: str, step: int):
+def _row_step(row) -> Optional[int]:
+    """The step of a log row (0 for events without one); None for a row that is not a JSON object or
+    whose step is not an integer."""
+    if not isinstance(row, dict):
+        return None
+    v = row.get("step", row.get("steps", 0))
+    if v is None:
+        return 0
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def truncate_metrics(out: str, step: int) -> List[int]:
     """Cut ``metrics.jsonl`` back to where the checkpoint of ``step`` was written (its ``checkpoint``
     event; without one, to the rows of steps <= ``step``), so a resumed run logs no step twice and no
-    event twice. A line half-written by a killed process is dropped."""
+    event twice. A last line half-written by a killed process is dropped; so are lines that are not log
+    records (not JSON, not an object, a step that is not an integer): their line numbers are returned
+    for the caller's note."""
     path = os.path.join(out, "metrics.jsonl")
     if not os.path.exists(path):
-        return
-    rows = []
+        return []
     with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
+        lines = f.readlines()
+    rows, bad = [], []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+            if i == len(lines) or not line.strip():  # a killed write's partial last line; blank lines
                 continue
+        if _row_step(row) is None:
+            bad.append(i)
+        else:
+            rows.append(row)
     marks = [i for i, r in enumerate(rows) if r.get("event") == "checkpoint" and r.get("steps") == step]
     if marks:
         keep = rows[:marks[-1] + 1]
     else:
-        keep = [r for r in rows if int(r.get("step", r.get("steps", 0)) or 0) <= step]
+        keep = [r for r in rows if _row_step(r) <= step]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)
+    return bad
 
 
 def set_aside_newer_checkpoints(out: str, step: int) -> list:

@@ -347,14 +347,19 @@ def _check_sampling(c: TrainConfig):
                          "use --class-dropout > 0 or --cfg-scale 1")
 
 
-def check_environment(c: TrainConfig):
-    """What this machine must offer for ``c`` (the device is checked where it is chosen, in
-    ``utils.distributed.pick_device``): Triton for ``--fused triton``, the attention backend. Checked
-    before the run folder is created."""
+def check_environment(c: TrainConfig, device=None):
+    """What this machine must offer for ``c`` on ``device`` (the device is checked where it is chosen,
+    in ``utils.distributed.pick_device``): Triton for ``--fused triton`` (on CUDA, or the CPU interpreter),
+    the attention backend. Checked before the run folder is created."""
     from .. import ops
+    from ..ops._dispatch import triton_runs_on
 
     if c.fused == "triton" and not ops.triton_available():
         raise ValueError("--fused triton: triton is not importable; pip install triton, or use --fused auto/torch")
+    if c.fused == "triton" and device is not None and not triton_runs_on(device):
+        raise ValueError(f"--fused triton on {device}: the Triton kernels run on CUDA (on a CPU only under the "
+                         "Triton interpreter, TRITON_INTERPRET=1 set before start, for testing); use --fused torch "
+                         "(the same ops in PyTorch) or --fused auto")
     from ..models.attention import resolve_backend
 
     try:

@@ -10,12 +10,12 @@ import time
 import torch
 
 from ..method.recipes import PHASE_WARMUP
-from ..utils.distributed import any_rank, barrier, max_over_ranks
+from ..utils.distributed import any_rank, barrier, max_over_ranks, mean_over_ranks
 from .batches import BatchSource
 from .build import phase_trainer
 from ..models.checkpoint import list_checkpoints
 from .checkpoint import FORMAT, checkpoint_path, save_atomic
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, StepMemoryError
 from .logging import fmt_seconds, human_flops
 from .samples import sample_and_save
 from .signals import StopRequested
@@ -150,7 +150,10 @@ def _check_finite(run, trainer: Trainer, phase: str):
 
 
 def _log(run, phase: str, out, step: int, k: int, n_steps: int, window: dict, elapsed: float, flops) -> dict:
-    lv, av, vv = out.loss.item(), out.align.item(), out.vel.item()
+    """A log row; under torchrun the losses are the mean over all ranks (every rank calls this at the
+    same steps), so the log does not depend on the number of processes."""
+    lv, av, vv = mean_over_ranks([out.loss.item(), out.align.item(), out.vel.item()], run.dist.world,
+                                 run.dist.device)
     dt = max(time.time() - window["t0"], 1e-9)
     rate = window["imgs"] / dt
     rec = dict(phase=phase, step=step, phase_step=k, loss=lv, loss_align=av, loss_velocity=vv,
@@ -209,7 +212,7 @@ def run_phase(run, phase: str, model, ckpt) -> str:
     window, last, status = dict(t0=time.time(), imgs=0, saved=time.time(), eval_s=0.0), {}, "finished"
     seconds = lambda: st.phase_seconds + (time.time() - t_start) - window["eval_s"]  # noqa: E731
     while k < n_steps:
-        out = trainer.train_step(batches.get(k), k, global_step=offset + k)
+        out = _train_step(run, trainer, batches, k, offset, phase)
         k += 1
         step = offset + k
         window["imgs"] += cfg.batch_size
@@ -248,6 +251,28 @@ def run_phase(run, phase: str, model, ckpt) -> str:
                         f"--ckpt {cfg.out} --out {os.path.join(cfg.out, 'final.npz')} makes one)")
         run.result.signal, status = e.signum, "interrupted"
     return status
+
+
+def _train_step(run, trainer, batches, k: int, offset: int, phase: str):
+    """One step; running out of memory is one error naming the batch and what lowers the memory."""
+    try:
+        return trainer.train_step(batches.get(k), k, global_step=offset + k)
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        cfg, world = run.cfg, run.dist.world
+        per = cfg.batch_size // world
+        micro = f", micro-batch {per // cfg.grad_accum} with --grad-accum {cfg.grad_accum}" if cfg.grad_accum > 1 else ""
+        raise StepMemoryError(
+            f"out of memory at step {offset + k + 1} ({phase}) with --batch-size {cfg.batch_size} ({per} per process"
+            f"{micro}) on {run.dist.device}: lower --batch-size, or keep it and split each step with --grad-accum N "
+            "(the same step in N micro-batches, less memory), or add --grad-checkpoint") from None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", ())
+    msg = str(e)
+    return isinstance(e, oom) or "out of memory" in msg or "can't allocate memory" in msg
 
 
 def _stop(run, trainer, phase, step, k, seconds, saved: bool) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 
 from ..method.recipes import PHASE_TRAIN, PHASE_WARMUP, MethodSpec, get_method
 from ..method.transfer import transfer_warmup, warmup_mismatches
+from ..models.checkpoint import list_checkpoints
 from ..models.sit import SiT
 from ..utils.distributed import Dist, barrier, setup_distributed
 from ..utils.progress import RunProgress
@@ -30,7 +32,7 @@ from .checkpoint import (read_warmup_source, clear_failed_start, set_aside_newer
                          resume_config, truncate_metrics)
 from .config import TrainConfig, check_environment, resolve_config
 from .fsdp import plain_state_dict
-from .errors import NonFiniteLossError, RunFolderError  # noqa: F401  (re-exported)
+from .errors import NonFiniteLossError, PeerLostError, RunFolderError, StepMemoryError  # noqa: F401  (re-exported)
 from .logging import MetricsLog, summary_lines
 from .phase import run_phase
 from .signals import StopSignals
@@ -105,7 +107,7 @@ def _open_run(config: TrainConfig, d: Dist):
         if folder_holds_checkpoints(cfg.out):
             raise RunFolderError(f"output folder {cfg.out!r} already holds a run; pass --resume to continue it or "
                                  "choose another --out")
-    check_environment(cfg)
+    check_environment(cfg, d.device)
     if cfg.batch_size % d.world:
         raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by the {d.world} processes")
     if (cfg.batch_size // d.world) % cfg.grad_accum:
@@ -156,7 +158,11 @@ def _make_folder(cfg: TrainConfig, d: Dist, ckpt: Optional[dict], bar: RunProgre
         if remove_stale_temp_files(cfg.out):
             bar.message(f"note: removed unfinished checkpoint writes (*.pt.tmp*) in {cfg.out}/checkpoints")
         if ckpt is not None:
-            truncate_metrics(cfg.out, int(ckpt["steps"]))
+            bad = truncate_metrics(cfg.out, int(ckpt["steps"]))
+            if bad:
+                bar.message(f"note: {os.path.join(cfg.out, 'metrics.jsonl')}: dropped {len(bad)} line(s) that are not "
+                            f"log records (not a JSON object, or a step that is not an integer), line(s) "
+                            f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}")
             moved = set_aside_newer_checkpoints(cfg.out, int(ckpt["steps"]))
             if moved:
                 bar.message(f"note: resuming from step {ckpt['steps']}: the {len(moved)} newer checkpoint(s) moved to "
@@ -180,7 +186,7 @@ def _banner(run: Run) -> str:
         warm = f"warmup reused from {cfg.warmup_from} ({cfg.warmup_steps} steps, L={cfg.l2r_depth}) + "
     return (f"erw_fast.train: {cfg.method} | {cfg.model} on {cfg.data} | encoder "
             f"{cfg.encoder if method.needs_encoder else '-'} | {warm}{cfg.steps} steps | batch {cfg.batch_size} "
-            f"x {run.dist.world} proc | lr {cfg.lr:g} | λ {sched} @ block {cfg.encoder_depth} | EMA {cfg.ema_decay} "
+            f"x {run.dist.world} proc | lr {cfg.lr:g} | λ {sched} @ block {cfg.encoder_depth - 1} | EMA {cfg.ema_decay} "
             f"| rope {cfg.rope} qk-norm {cfg.qk_norm} | {run.dist.device.type} {'bf16' if amp else 'fp32'}"
             f"{' compiled' if cfg.compile else ''}{' fsdp' if cfg.fsdp and run.dist.world > 1 else ''} | out {cfg.out}")
 
@@ -216,13 +222,14 @@ def _train_locked(config: TrainConfig, d: Dist, lock) -> TrainResult:
     if ckpt is not None:
         _check_resume_weights(cfg, data, encoders, ckpt, ckpt_path)
     bar = RunProgress(enabled=d.main, bar=cfg.progress)
+    fresh = not os.path.exists(cfg.out)
     if lock is not None:
         lock.acquire()  # a new folder is made (and locked) only now, once everything is checked
     _make_folder(cfg, d, ckpt, bar)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    log = MetricsLog(cfg.out, enabled=d.main)
+    log = MetricsLog(cfg.out, enabled=d.main, notify=bar.message)
     first = PHASE_WARMUP if (method.warmup and cfg.warmup_steps > 0 and warm is None) else PHASE_TRAIN
     state = RunState(first)
     if ckpt is not None:
@@ -238,18 +245,51 @@ def _train_locked(config: TrainConfig, d: Dist, lock) -> TrainResult:
         run.result.summary.setdefault("features_cost", []).append(cost)
     if cfg.fsdp and d.world == 1:
         bar.message("note: --fsdp with one process has nothing to shard; training unsharded")
-    t0 = time.time()
     try:
-        with run.signals:
-            status = _run_phases(run, ckpt, warm, full)
-        run.result.status = status
-        if status == "finished" and d.main:
-            run.result.summary["total_seconds"] = time.time() - t0
-            bar.message(summary_lines(cfg, run.result, state))
-        return run.result
+        return _execute(run, ckpt, warm, full, fresh)
     finally:
         bar.close()
         log.close()
+
+
+def _execute(run: Run, ckpt, warm, full, fresh: bool) -> TrainResult:
+    """The phases, the summary; a step out of memory, or a lost torchrun peer, is one error line (a start
+    that wrote no checkpoint leaves nothing behind)."""
+    cfg, d, t0 = run.cfg, run.dist, time.time()
+    try:
+        with run.signals:
+            status = _run_phases(run, ckpt, warm, full)
+    except StepMemoryError:
+        if d.main and not folder_holds_checkpoints(cfg.out):
+            run.log.close()
+            if fresh:
+                shutil.rmtree(cfg.out, ignore_errors=True)  # this call made it: nothing half-made stays
+            else:
+                clear_failed_start(cfg.out)
+        raise
+    except RuntimeError as e:
+        if d.world <= 1 or not _lost_peer(e):
+            raise
+        last = run.result.checkpoint or (list_checkpoints(cfg.out) or ["none"])[-1]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PeerLostError(f"rank {d.rank} of {d.world}: a collective failed ({type(e).__name__}: {first}): another "
+                            "process of the run died or was killed (torchrun's report names the rank that exited). "
+                            f"Last checkpoint: {last}; continue with torchrun ... -m erw_fast.train --resume --out "
+                            f"{cfg.out}") from None
+    run.result.status = status
+    if status == "finished" and d.main:
+        run.result.summary["total_seconds"] = time.time() - t0
+        run.bar.message(summary_lines(cfg, run.result, run.state))
+    return run.result
+
+
+_COLLECTIVE_FAILURE = ("gloo", "nccl", "connection", "peer", "socket", "broken pipe", "timed out", "closed")
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a failed collective (another rank gone), not a bug of this process."""
+    backend_error = getattr(torch.distributed, "DistBackendError", ())
+    return isinstance(e, backend_error) or any(w in str(e).lower() for w in _COLLECTIVE_FAILURE)
 
 
 def _check_resume_weights(cfg: TrainConfig, data, encoders, ckpt: dict, path: str):
