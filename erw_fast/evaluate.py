@@ -66,7 +66,8 @@ def main(argv=None) -> dict:
     """Run the CLI; errors are raised (``python -m`` turns them into one ``error:`` line, see
     :func:`erw_fast.utils.cli.run_cli`)."""
     a = build_parser().parse_args(argv)
-    with output_lock([(a.json_out, "--json-out"), (a.save_npz, "--save-npz")], "evaluate"):
+    with output_lock([(a.json_out, "--json-out", "eval.json"), (a.save_npz, "--save-npz", "eval-samples.npz")],
+                     "evaluate"):
         return _run(a)
 
 

@@ -115,7 +115,7 @@ def test_sample_never_replaces_a_runs_own_files(finished, capsys):
         assert run_cli(sample_main, ["--ckpt", finished, "--num-samples", "2", "--steps", "2", "--out", out,
                                      "--no-progress"]) == 2
         err = capsys.readouterr().err
-        assert "is the training run" in err and "own file" in err, err
+        assert "would replace the training run" in err and "own samples" in err, err
     assert files(finished) == before
     ok = os.path.join(finished, "sampled.npz")
     assert run_cli(sample_main, ["--ckpt", finished, "--num-samples", "2", "--steps", "2", "--out", ok,
@@ -146,4 +146,5 @@ def test_sample_and_evaluate_into_a_locked_folder_are_refused(tmp_path, finished
         p.wait(30)
     assert run_cli(evaluate_main, ["--ckpt", finished, "--num-samples", "2", "--steps", "2", "--json-out",
                                    os.path.join(finished, "metrics.jsonl"), "--no-progress"]) == 2
-    assert "is the training run" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "would replace the training run" in err and "own metrics.jsonl" in err and "eval.json" in err

@@ -260,7 +260,8 @@ def sample_checkpoint(ckpt: str, num_samples: int, out: str, **kw) -> dict:
     run's own files (``samples.png``, ...) are never replaced, and the output folder is locked
     (``erw_fast.utils.runlock``: one writer per folder; rank 0 of a multi-rank run holds it)."""
     npz_path, png_path = output_paths(out)
-    outputs = [(npz_path, "--out"), (png_path if kw.get("png", True) else None, "--out")]
+    example = "sampled.npz (with sampled.png beside it)"
+    outputs = [(npz_path, "--out", example), (png_path if kw.get("png", True) else None, "--out", example)]
     rank0 = (kw.get("rank") or 0) == 0 and os.environ.get("RANK", "0") == "0"
     with output_lock(outputs if rank0 else [], "sample"):
         return _sample_checkpoint(ckpt, num_samples, out, **kw)

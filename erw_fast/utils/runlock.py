@@ -115,29 +115,31 @@ def is_run_folder(folder: str) -> bool:
     return os.path.isdir(folder) and any(os.path.exists(os.path.join(folder, m)) for m in RUN_MARKERS)
 
 
-def check_not_run_file(path: str, flag: str):
+def check_not_run_file(path: str, flag: str, example: str = "sampled.npz"):
     """ValueError when writing ``path`` would replace a training run's own file (or write inside its
-    ``samples/``, ``checkpoints/`` or ``tb/``)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    parent, sub = os.path.split(folder)
+    ``samples/``, ``checkpoints/`` or ``tb/``); ``example``: a file name to suggest instead."""
+    folder = os.path.dirname(path) or "."
+    name, parent, sub = os.path.basename(path), os.path.dirname(folder), os.path.basename(folder)
     if is_run_folder(folder) and name in RUN_OWN:
         run = folder
-    elif is_run_folder(parent) and sub in RUN_OWN:
-        run = parent
+    elif is_run_folder(parent or ".") and sub in RUN_OWN:
+        run = parent or "."
     else:
         return
-    raise ValueError(f"{flag}: {path} is the training run {run}'s own file (or folder); write elsewhere, e.g. "
-                     f"{flag} {os.path.join(run, 'sampled.npz')} (with sampled.png beside it) or another folder")
+    own = name if run == folder else f"{sub}/ folder"
+    raise ValueError(f"{flag}: writing {path} would replace the training run {run}'s own {own}; write elsewhere, e.g. "
+                     f"{flag} {os.path.join(run, example)}, or into another folder")
 
 
 def output_lock(outputs, what: str):
-    """For a command writing the files ``outputs`` ((path or None, flag) pairs): refuse a training run's
-    own files, and lock the first output's folder while the command runs (a no-op without outputs)."""
+    """For a command writing the files ``outputs`` ((path or None, flag, example name) triples): refuse a
+    training run's own files, and lock the first output's folder while the command runs (a no-op
+    without outputs)."""
     import contextlib
 
-    paths = [(p, flag) for p, flag in outputs if p]
-    for p, flag in paths:
-        check_not_run_file(p, flag)
+    paths = [(p, flag, example) for p, flag, example in outputs if p]
+    for p, flag, example in paths:
+        check_not_run_file(p, flag, example)
     if not paths:
         return contextlib.nullcontext()
-    return RunLock(os.path.dirname(os.path.abspath(paths[0][0])), what)
+    return RunLock(os.path.dirname(paths[0][0]) or ".", what)
