@@ -151,3 +151,12 @@ def test_a_signal_interrupted_run_resumes_bit_exactly(tmp_path, monkeypatch):
     la = [(x["step"], x["loss"]) for x in rows(ref.out) if "loss" in x]
     lb = [(x["step"], x["loss"]) for x in rows(done.out) if "loss" in x]
     assert la == lb
+
+
+def test_resuming_with_another_thread_count_says_it_is_no_longer_bit_exact(tmp_path, capsys):
+    r = train(cfg(tmp_path, stop_after=3, threads=1))
+    assert torch.load(r.checkpoint, weights_only=True)["num_threads"] == 1
+    capsys.readouterr()
+    train(cfg(tmp_path, resume="auto", threads=2))
+    err = capsys.readouterr().err
+    assert "trained on 1 CPU thread(s) so far and goes on with 2" in err and "--threads 1 keeps it exact" in err

@@ -83,6 +83,11 @@ def _restore(run, trainer: Trainer, ckpt: dict):
     if "rng" in ckpt and "torch" in ckpt["rng"]:
         torch.set_rng_state(ckpt["rng"]["torch"])
     run.bar.message(f"resuming {run.cfg.out} from {path}: {run.state.phase} step {run.state.phase_step}")
+    before = ckpt.get("num_threads")
+    if run.dist.device.type == "cpu" and before is not None and int(before) != torch.get_num_threads():
+        run.bar.message(f"note: this run trained on {before} CPU thread(s) so far and goes on with "
+                        f"{torch.get_num_threads()}: float sums change order, so from here it matches an uninterrupted "
+                        f"run to float rounding (~1e-6), not bit for bit; --threads {before} keeps it exact")
     run.log.write({"event": "resume", "from": path, "steps": int(ckpt["steps"])})
 
 
@@ -96,7 +101,8 @@ def _save(run, trainer: Trainer, phase: str, step: int, k: int, seconds: float):
         st = run.state
         save_atomic({**weights, "args": args, "steps": step, "phase": phase, "phase_step": k,
                      "transfer": st.transfer, "warmup_cost": st.warmup_cost, "phase_seconds": seconds,
-                     "rng": {"torch": torch.get_rng_state()}, "format": FORMAT}, path)
+                     "rng": {"torch": torch.get_rng_state()}, "num_threads": torch.get_num_threads(),
+                     "format": FORMAT}, path)
         run.log.write({"event": "checkpoint", "path": path, "steps": step, "phase": phase})
         run.result.checkpoint = path
         _prune(run)

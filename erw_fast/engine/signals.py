@@ -8,6 +8,9 @@ import threading
 from typing import Callable, Optional
 
 
+IGNORE_SIGINT = False  # a convergence-study worker: Ctrl-C is its parent's to handle (study/execute.py)
+
+
 class StopRequested(Exception):
     """A stop signal arrived during a long loop that is not a training step (sampling, evaluation)."""
 
@@ -51,8 +54,8 @@ class StopSignals:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             for s in self.SIGNALS:
-                if s == signal.SIGINT and signal.getsignal(s) is signal.SIG_IGN:
-                    continue  # Ctrl-C ignored on purpose (a study worker: its parent handles it)
+                if s == signal.SIGINT and IGNORE_SIGINT:
+                    continue
                 self._old[s] = signal.signal(s, self._handler)
         return self
 

@@ -45,7 +45,10 @@ class StudyStopped(StudyError):
 def _worker_init(parent: int):
     """A study worker: Ctrl-C is the parent's to handle (it stops the workers; no traceback from one),
     and the worker gets SIGTERM when its parent dies, however it dies (Linux: prctl PR_SET_PDEATHSIG)."""
+    from ..engine import signals
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals.IGNORE_SIGINT = True  # the worker's training runs leave Ctrl-C ignored too
     if sys.platform.startswith("linux"):
         import ctypes
 
