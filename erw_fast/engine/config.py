@@ -144,7 +144,7 @@ RESUME_OVERRIDABLE = ("encoder_path", "steps", "inception", "eval_ref", "sample_
                       "sample_steps", "sampler", "cfg_scale", "guidance_high", "samples_per_class")
 RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device",
                     "threads", "prefetch", "grad_accum", "grad_checkpoint", "fsdp", "eval_every", "eval_samples",
-                    "eval_batch", "align_probe_every", "given")
+                    "eval_batch", "align_probe_every", "encoder_source", "given")
 
 
 def _fits(v, tp) -> bool:
