@@ -29,6 +29,7 @@ import sys
 
 from .evaluation.samples import evaluate
 from .utils.cli import add_debug_flag, run_cli
+from .utils.runlock import output_lock
 
 
 def build_parser():
@@ -65,6 +66,12 @@ def main(argv=None) -> dict:
     """Run the CLI; errors are raised (``python -m`` turns them into one ``error:`` line, see
     :func:`erw_fast.utils.cli.run_cli`)."""
     a = build_parser().parse_args(argv)
+    with output_lock([(a.json_out, "--json-out", "eval.json"), (a.save_npz, "--save-npz", "eval-samples.npz")],
+                     "evaluate"):
+        return _run(a)
+
+
+def _run(a) -> dict:
     result = evaluate(a.npz, a.ckpt, feature_net=a.feature_net, inception=a.inception, ref=a.ref,
                       num_samples=a.num_samples, weights=a.weights, sampler=a.sampler, steps=a.steps,
                       cfg_scale=a.cfg_scale, guidance_interval=a.guidance_interval, seed=a.seed,

@@ -19,7 +19,7 @@ from .engine.fp8 import RECIPES as FP8_RECIPES
 from .method.alignment import ALIGNMENT_LOSSES
 from .method.schedules import SCHEDULES
 from .sampling import SAMPLERS
-from .utils.cli import EXIT_OK, add_debug_flag, run_cli
+from .utils.cli import EXIT_OK, add_debug_flag, given_dests, run_cli
 from .utils.distributed import shutdown
 
 
@@ -217,9 +217,12 @@ def _step_list(text: str):
     return steps
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def config_from_args(args: argparse.Namespace, given=None) -> TrainConfig:
+    """``given``: the destinations set on the command line (``utils.cli.given_dests``); ``--resume``
+    checks them against the run's settings."""
     names = set(TrainConfig.__dataclass_fields__)
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    given = None if given is None else tuple(sorted(k for k in given if k in names))
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names}, given=given)
 
 
 def exit_status(result) -> int:
@@ -246,11 +249,12 @@ def print_transfer_plan(config: TrainConfig) -> int:
 
 
 def _main(argv) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.plan_transfer:
-        return print_transfer_plan(config_from_args(args))
+        return print_transfer_plan(config_from_args(args, given_dests(parser, argv)))
     try:
-        return exit_status(train(config_from_args(args)))
+        return exit_status(train(config_from_args(args, given_dests(parser, argv))))
     finally:
         shutdown()
 

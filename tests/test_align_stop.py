@@ -37,6 +37,43 @@ def test_schedule_stop_rules():
         AlignmentSchedule(until=-1)
 
 
+def _first_inactive_by_loop(s, steps):
+    return next((k for k in range(steps) if not s.active(k)), None)
+
+
+@pytest.mark.parametrize("kind", ["halflife", "exp", "constant", "linear-bisect"])
+def test_first_inactive_closed_form_equals_the_loop_and_is_instant(kind):
+    """Where --lambda-min stops the alignment: the schedule's inverse (bisection for a schedule registered
+    without one) gives the loop's answer on small cases, and answers at once for 10**12 steps (the loop
+    hung before the first step)."""
+    import time
+
+    from erw_fast.method.schedules import SCHEDULES, register_schedule
+
+    if kind == "linear-bisect":
+        register_schedule(kind)(lambda k, s: max(0.0, s.lambda0 * (1 - k / (4 * s.half_life))))
+    try:
+        for lam0 in (0.0, 0.3, 1.0, 4.0, 6.0):
+            for h in (0.7, 1.0, 3.0, 7.5, 40.0):
+                for m in (0.01, 0.25, 0.5, 1.0, 3.0):
+                    for until in (None, 0, 5):
+                        s = AlignmentSchedule(kind, lam0, h, minimum=m, until=until)
+                        for steps in (0, 1, 6, 50, 400):
+                            assert s.first_inactive(steps) == _first_inactive_by_loop(s, steps), (lam0, h, m, steps)
+        t0 = time.time()
+        assert AlignmentSchedule("constant", 1.0, minimum=0.5).first_inactive(10 ** 12) is None
+        assert AlignmentSchedule("constant", 0.4, minimum=0.5).first_inactive(10 ** 12) == 0
+        big = AlignmentSchedule(kind, 6.0, 10 ** 9, minimum=1e-3)
+        k = big.first_inactive(10 ** 12)
+        if kind == "constant":
+            assert k is None
+        else:
+            assert k is not None and big.active(k - 1) and not big.active(k)
+        assert time.time() - t0 < 1.0
+    finally:
+        SCHEDULES.pop("linear-bisect", None)
+
+
 @pytest.mark.parametrize("method", ["erw", "repa"])
 def test_align_until_stops_the_encoder_projector_and_loss(tmp_path, monkeypatch, method):
     from erw_fast.encoders.digits import DigitsEncoder

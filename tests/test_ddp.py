@@ -53,3 +53,59 @@ def test_two_gloo_processes_match_one(tmp_path, free_port, kw):
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
         torch.testing.assert_close(a["ema"][k], b["ema"][k], rtol=1e-4, atol=1e-5, msg=k)
     assert a["transfer"]["keys"] == b["transfer"]["keys"]
+    # the logged losses are the mean over both ranks: the single-process log's, to float rounding
+    la, lb = _losses(ref.out), _losses(two)
+    assert [s for s, _ in la] == [s for s, _ in lb]
+    for (_, x), (_, y) in zip(la, lb):
+        assert x == pytest.approx(y, rel=1e-5, abs=1e-6)
+
+
+def _losses(out):
+    import json
+
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    return [(r["step"], (r["loss"], r["loss_align"], r["loss_velocity"])) for r in recs if "loss" in r]
+
+
+def _dying_worker(rank, world, port, out, result):
+    """Rank 1 dies (os._exit) inside step 4; rank 0 reports what it got."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from erw_fast.engine.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def step(self, batch, k, global_step=None):
+        if rank == 1 and global_step == 3:
+            os._exit(9)
+        return real(self, batch, k, global_step=global_step)
+
+    Trainer.train_step = step
+    try:
+        train(_config(out, ckpt_every=2))
+        text = "finished"
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        from erw_fast.utils.cli import describe, is_expected
+
+        text = f"{type(e).__name__} expected={is_expected(e)}: {describe(e)}"
+    with open(os.path.join(result, f"rank{rank}.txt"), "w") as f:
+        f.write(text)
+
+
+def test_a_killed_peer_is_one_line_naming_the_last_checkpoint(tmp_path, free_port):
+    ctx = mp.get_context("spawn")
+    out, result = str(tmp_path / "run"), str(tmp_path)
+    procs = [ctx.Process(target=_dying_worker, args=(r, 2, free_port, out, result)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive and procs[1].exitcode == 9
+    text = open(os.path.join(result, "rank0.txt")).read()
+    assert text.startswith("PeerLostError expected=True: rank 0 of 2: a collective failed"), text
+    assert os.path.join(out, "checkpoints", "0000002.pt") in text and "--resume --out" in text

@@ -244,5 +244,5 @@ def test_align_probe_every_logs_a_rising_cknna_during_the_warmup(tmp_path):
                       samples_per_class=1, sample_steps=2, align_probe_every=20))
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl") if '"align_probe"' in line]
     warm = [r for r in rows if r["phase"] == "warmup"]
-    assert [r["step"] for r in warm] == [20, 40] and all(r["block"] == 2 for r in warm)
+    assert [r["step"] for r in warm] == [20, 40] and all(r["block"] == 1 for r in warm)  # 0-based, as the probe
     assert warm[1]["cknna"] > warm[0]["cknna"] > 0

@@ -14,11 +14,12 @@ import json
 import os
 import shutil
 import sys
+from typing import List, Optional
 
 import torch
 
 from ..models.checkpoint import CHECKSUM_KEY, CorruptCheckpointError, content_checksum, list_checkpoints, read_checkpoint
-from .config import RESUME_FROM_CALL, RESUME_OVERRIDABLE, TrainConfig
+from .config import RESUME_FROM_CALL, RESUME_OVERRIDABLE, TrainConfig, config_from_checkpoint_args, resolve_config
 
 FORMAT = "erw_fast.train/1"
 TRAINING_KEYS = ("model", "ema", "opt", "args", "steps", "phase", "phase_step")
@@ -122,27 +123,50 @@ def _check_belongs(path: str, out: str):
                          "or an empty --out")
 
 
-def truncate_metrics(out: str, step: int):
+def _row_step(row) -> Optional[int]:
+    """The step of a log row (0 for events without one); None for a row that is not a JSON object or
+    whose step is not an integer."""
+    if not isinstance(row, dict):
+        return None
+    v = row.get("step", row.get("steps", 0))
+    if v is None:
+        return 0
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def truncate_metrics(out: str, step: int) -> List[int]:
     """Cut ``metrics.jsonl`` back to where the checkpoint of ``step`` was written (its ``checkpoint``
     event; without one, to the rows of steps <= ``step``), so a resumed run logs no step twice and no
-    event twice. A line half-written by a killed process is dropped."""
+    event twice. A last line half-written by a killed process is dropped; so are lines that are not log
+    records (not JSON, not an object, a step that is not an integer): their line numbers are returned
+    for the caller's note."""
     path = os.path.join(out, "metrics.jsonl")
     if not os.path.exists(path):
-        return
-    rows = []
+        return []
     with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
+        lines = f.readlines()
+    rows, bad = [], []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+            if i == len(lines) or not line.strip():  # a killed write's partial last line; blank lines
                 continue
+        if _row_step(row) is None:
+            bad.append(i)
+        else:
+            rows.append(row)
     marks = [i for i, r in enumerate(rows) if r.get("event") == "checkpoint" and r.get("steps") == step]
     if marks:
         keep = rows[:marks[-1] + 1]
     else:
-        keep = [r for r in rows if int(r.get("step", r.get("steps", 0)) or 0) <= step]
+        keep = [r for r in rows if _row_step(r) <= step]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in keep)
+    return bad
 
 
 def set_aside_newer_checkpoints(out: str, step: int) -> list:
@@ -157,10 +181,11 @@ def set_aside_newer_checkpoints(out: str, step: int) -> list:
     return newer
 
 
-def resume_config(config: TrainConfig, ckpt_args: dict) -> TrainConfig:
-    """The checkpoint's settings, with what a new call may change taken from ``config``."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    base = TrainConfig(**{k: v for k, v in ckpt_args.items() if k in names})
+def resume_config(config: TrainConfig, ckpt_args: dict, path: str = "the checkpoint") -> TrainConfig:
+    """The checkpoint's settings, with what a new call may change taken from ``config``. Any other
+    setting the call gives on purpose (``TrainConfig.given_fields``) must resolve to the run's own
+    value: otherwise one error names each such flag with both values (nothing is ignored silently)."""
+    base = config_from_checkpoint_args(ckpt_args, path)
     for k in RESUME_OVERRIDABLE:
         v = getattr(config, k)
         if v is not None:
@@ -169,7 +194,43 @@ def resume_config(config: TrainConfig, ckpt_args: dict) -> TrainConfig:
         base.fp8_recipe = config.fp8_recipe
     for k in RESUME_FROM_CALL:
         setattr(base, k, getattr(config, k))
+    _check_unchanged(config, base, path)
     return base
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return list(a) == list(b)
+    return a == b
+
+
+def _check_unchanged(config: TrainConfig, base: TrainConfig, path: str):
+    """``--resume`` keeps the run's settings: a flag outside the ones that may change must give the
+    run's value (compared after defaults are filled in, so ``--encoder digits-cnn`` on latent data
+    equals the ``dinov2-vit-b`` it became)."""
+    fixed = [k for k in config.given_fields() if k not in RESUME_OVERRIDABLE + RESUME_FROM_CALL]
+    if not fixed:
+        return
+    asked = dataclasses.replace(base, **{k: getattr(config, k) for k in fixed})
+    try:
+        mine, theirs = resolve_config(asked), resolve_config(base)
+    except ValueError:
+        mine, theirs = asked, base
+    diffs = [k for k in fixed if not _same(getattr(mine, k), getattr(theirs, k))]
+    if not diffs:
+        return
+    listed = ", ".join(f"--{k.replace('_', '-')} {_show(getattr(config, k))} (the run has "
+                       f"{_show(getattr(theirs, k))})" for k in diffs)
+    hint = (" --warmup-from only starts a new run (another --out)." if "warmup_from" in diffs else "")
+    raise ValueError(f"--resume {path} continues the run with its own settings, and {len(diffs)} flag(s) given here "
+                     f"differ from them: {listed}. Leave them out (or give the run's values), or start a new run "
+                     f"in another --out.{hint} Flags that may change on --resume: see docs/training.md")
+
+
+def _show(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(map(str, v))
+    return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 
 @dataclasses.dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Optional, Tuple, Union
 
@@ -124,12 +125,27 @@ class TrainConfig:
     # testing hooks (not CLI flags)
     stop_after: Optional[int] = None        # stop (with a checkpoint) after this many total steps
     debug_nan_at_step: Optional[int] = None  # inject a NaN loss at this total step
+    # the fields set on the command line (the CLI fills it; None: those that differ from these defaults).
+    # Not a setting: not in to_dict(), config.json or checkpoints.
+    given: Optional[Tuple[str, ...]] = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d.pop("given")
+        return d
+
+    def given_fields(self) -> Tuple[str, ...]:
+        """The fields this call sets on purpose: ``given`` from the command line, or (from Python)
+        those that differ from the dataclass defaults."""
+        if self.given is not None:
+            return tuple(self.given)
+        default = TrainConfig()
+        return tuple(f.name for f in dataclasses.fields(self)
+                     if f.name != "given" and getattr(self, f.name) != getattr(default, f.name))
 
 
-# Fields that a resumed run takes from the new call rather than from the checkpoint.
+# Fields that a resumed run takes from the new call rather than from the checkpoint (the flags that may
+# change on --resume, docs/training.md; every other flag given with --resume must equal the run's value).
 # ``RESUME_OVERRIDABLE`` win when set (not None); ``RESUME_FROM_CALL`` always come from the new call.
 RESUME_OVERRIDABLE = ("encoder_path", "steps", "inception", "eval_ref", "sample_every", "ckpt_every", "ckpt_at",
                       "ckpt_every_minutes", "keep_last",
@@ -138,7 +154,42 @@ RESUME_OVERRIDABLE = ("encoder_path", "steps", "inception", "eval_ref", "sample_
                       "fp8_recipe")
 RESUME_FROM_CALL = ("out", "resume", "compile", "progress", "stop_after", "debug_nan_at_step", "device",
                     "threads", "prefetch", "grad_accum", "grad_checkpoint", "fsdp", "eval_every", "eval_samples",
-                    "eval_batch", "align_probe_every")
+                    "eval_batch", "align_probe_every", "encoder_source", "given")
+
+
+def _fits(v, tp) -> bool:
+    """Whether the value ``v`` read from a checkpoint has the field type ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return any(_fits(v, a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return isinstance(v, (tuple, list)) and all(_fits(x, typing.get_args(tp)[0]) for x in v)
+    if tp is type(None):
+        return v is None
+    if tp is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, tp)
+
+
+def config_from_checkpoint_args(args, source: str) -> TrainConfig:
+    """A checkpoint's ``args`` as a ``TrainConfig``, every setting's type checked: one error naming the
+    file and the key (keys that are not settings, such as ``model_config``, are left out)."""
+    if not isinstance(args, dict):
+        raise ValueError(f"{source}: its 'args' is a {type(args).__name__}, not a dict of settings (not an erw_fast "
+                         "training checkpoint, or a damaged one)")
+    hints = typing.get_type_hints(TrainConfig)
+    kw = {}
+    for k, v in args.items():
+        if k not in hints or k == "given":
+            continue
+        if not _fits(v, hints[k]):
+            want = str(hints[k]).replace("typing.", "")
+            raise ValueError(f"{source}: args[{k!r}] is {v!r} ({type(v).__name__}), expected {want}; the file's "
+                             "settings are damaged or were not written by erw_fast.train")
+        kw[k] = tuple(v) if isinstance(v, list) else v
+    return TrainConfig(**kw)
 
 
 def model_size(name: str) -> str:
@@ -269,6 +320,12 @@ def _check_numbers(c: TrainConfig):
         raise ValueError(f"--threads must be >= 1, got {c.threads}")
     if any(v < 1 for v in c.ckpt_at):
         raise ValueError(f"--ckpt-at steps must be >= 1, got {c.ckpt_at}")
+    last = c.warmup_steps + c.steps
+    beyond = [v for v in c.ckpt_at if v > last]
+    if beyond:
+        raise ValueError(f"--ckpt-at {','.join(map(str, beyond))}: beyond the run's last step {last} (warmup "
+                         f"{c.warmup_steps} + --steps {c.steps}), so never written; the run ends with a checkpoint "
+                         "anyway. Drop it or raise --steps")
     _finite(c, "lr", 0, low_open=True)
     _finite(c, "ema_decay", 0, 1, high_open=True)
     _finite(c, "grad_clip", 0)
@@ -325,11 +382,12 @@ def _check_sampling(c: TrainConfig):
 
 
 def check_environment(c: TrainConfig, device=None):
-    """What this machine must offer for ``c`` (the device is checked where it is chosen, in
-    ``utils.distributed.pick_device``): Triton for ``--fused triton``, the attention backend, and for
-    ``--precision fp8`` torchao and a card that has float8 (on ``device``). Checked before the run
-    folder is created."""
+    """What this machine must offer for ``c`` on ``device`` (the device is checked where it is chosen,
+    in ``utils.distributed.pick_device``): Triton for ``--fused triton`` (on CUDA, or the CPU interpreter),
+    the attention backend, and for ``--precision fp8`` torchao and a card that has float8. Checked before
+    the run folder is created."""
     from .. import ops
+    from ..ops._dispatch import triton_runs_on
 
     if c.precision == "fp8" and device is not None:
         from .fp8 import check_fp8
@@ -337,6 +395,10 @@ def check_environment(c: TrainConfig, device=None):
         check_fp8(c.fp8_recipe, c.compile, device)
     if c.fused == "triton" and not ops.triton_available():
         raise ValueError("--fused triton: triton is not importable; pip install triton, or use --fused auto/torch")
+    if c.fused == "triton" and device is not None and not triton_runs_on(device):
+        raise ValueError(f"--fused triton on {device}: the Triton kernels run on CUDA (on a CPU only under the "
+                         "Triton interpreter, TRITON_INTERPRET=1 set before start, for testing); use --fused torch "
+                         "(the same ops in PyTorch) or --fused auto")
     from ..models.attention import resolve_backend
 
     try:

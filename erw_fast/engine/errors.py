@@ -9,3 +9,11 @@ class NonFiniteLossError(RuntimeError):
 
 class RunFolderError(ValueError):
     """The output folder already holds another run (and --resume was not given)."""
+
+
+class StepMemoryError(RuntimeError):
+    """A training step ran out of memory (the message names the batch and --grad-accum)."""
+
+
+class PeerLostError(RuntimeError):
+    """Under torchrun, another process of the run died (a collective failed)."""

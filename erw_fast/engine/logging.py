@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 _NOT_SCALARS = ("step", "phase_step")  # the x axis, and the step within the phase (a second x axis)
 
@@ -27,10 +28,28 @@ class MetricsLog:
     (``samples/seconds``, ``samples/sample_accuracy``); the sample grid is the image ``samples/grid``.
     """
 
-    def __init__(self, out: str, enabled: bool = True):
+    def __init__(self, out: str, enabled: bool = True, notify=None):
         self.enabled = enabled
         self.path = os.path.join(out, "metrics.jsonl")
+        self.notify = notify or (lambda m: print(m, file=sys.stderr))
         self.tb = tb_writer(os.path.join(out, "tb")) if enabled else None
+
+    def _tb(self, call):
+        """A TensorBoard call; a failure (a full disk while its writer flushes, ...) turns TensorBoard off
+        with one note, and the run goes on (metrics.jsonl keeps every record)."""
+        if self.tb is None:
+            return
+        try:
+            call(self.tb)
+        except Exception as e:  # noqa: BLE001 - TensorBoard is a mirror; never stop training for it
+            tb, self.tb = self.tb, None
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.notify(f"note: TensorBoard writing failed ({type(e).__name__}: {first}); TensorBoard is off for the "
+                        f"rest of this run, {self.path} keeps every record")
+            try:
+                tb.close()
+            except Exception:  # noqa: BLE001 - the same failure again: nothing more to save
+                pass
 
     def write(self, record: dict):
         if not self.enabled:
@@ -39,9 +58,9 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None and record.get("step") is not None:
             group = record.get("phase") or record.get("event") or "run"
-            for k, v in record.items():
-                if k not in _NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self.tb.add_scalar(f"{group}/{k}", v, record["step"])
+            scalars = [(f"{group}/{k}", v) for k, v in record.items()
+                       if k not in _NOT_SCALARS and isinstance(v, (int, float)) and not isinstance(v, bool)]
+            self._tb(lambda tb: [tb.add_scalar(tag, v, record["step"]) for tag, v in scalars])
 
     def image(self, tag: str, image, step: int):
         """An image at ``step`` to TensorBoard (nothing without it): uint8 (H, W) grey or (H, W, 3) RGB."""
@@ -52,13 +71,11 @@ class MetricsLog:
         a = np.asarray(image)
         if a.ndim == 2:
             a = a[:, :, None]
-        self.tb.add_image(tag, a, step, dataformats="HWC")
-        self.tb.flush()
+        self._tb(lambda tb: (tb.add_image(tag, a, step, dataformats="HWC"), tb.flush()))
 
     def close(self):
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+        self._tb(lambda tb: tb.close())
+        self.tb = None
 
 
 def fmt_seconds(s: float) -> str:
@@ -89,11 +106,17 @@ def summary_lines(cfg, result, state) -> str:
     if state.transfer:
         lines.append(f"  transfer: {state.transfer['num_keys']} tensors from step {state.transfer['from_step']}")
     last = s.get("last") or {}
-    nan = float("nan")
-    lines.append(f"  train  : {cfg.steps} steps, {fmt_seconds(s.get('train_seconds', 0))}, "
-                 f"{human_flops(s.get('train_flops_total') or 0)}; final loss "
-                 f"{last.get('loss', nan):.4f} (velocity {last.get('loss_velocity', nan):.4f}, "
-                 f"align {last.get('loss_align', nan):.4f})")
+    if cfg.steps == 0:  # a warmup-only run: no full-training step, so no full-training loss to report
+        wl = s.get("warmup_last") or {}
+        lines.append("  train  : none (a warmup-only run; --resume --steps N trains on)"
+                     + (f"; final warmup align loss {wl['loss_align']:.4f}" if "loss_align" in wl else ""))
+    elif "loss" in last:
+        lines.append(f"  train  : {cfg.steps} steps, {fmt_seconds(s.get('train_seconds', 0))}, "
+                     f"{human_flops(s.get('train_flops_total') or 0)}; final loss "
+                     f"{last['loss']:.4f} (velocity {last['loss_velocity']:.4f}, align {last['loss_align']:.4f})")
+    else:
+        lines.append(f"  train  : {cfg.steps} steps, {fmt_seconds(s.get('train_seconds', 0))}, "
+                     f"{human_flops(s.get('train_flops_total') or 0)}")
     if "sample_accuracy" in s:
         lines.append(f"  samples: {s['sample_accuracy'] * 100:.0f}% read as the requested digit by the digits "
                      "classifier")

@@ -26,7 +26,8 @@ def _generate(run, model, indices):
         return generate(model, indices, shape, list(range(data.num_classes)), seed=cfg.seed + EVAL_SEED_OFFSET,
                         sampler=cfg.sampler, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
                         guidance_interval=(0.0, cfg.guidance_high), batch_size=cfg.eval_batch,
-                        decoder=(lambda z: run.data.decode(z)) if data.is_latent else None)
+                        decoder=(lambda z: run.data.decode(z)) if data.is_latent else None,
+                        step_progress=run.signals.stoppable(run.dist.world))
 
 
 def _gather(arr, labels, indices, world: int, share: bool):

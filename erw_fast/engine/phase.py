@@ -10,14 +10,15 @@ import time
 import torch
 
 from ..method.recipes import PHASE_WARMUP
-from ..utils.distributed import any_rank, barrier, max_over_ranks
+from ..utils.distributed import any_rank, barrier, max_over_ranks, mean_over_ranks
 from .batches import BatchSource
 from .build import phase_trainer
 from ..models.checkpoint import list_checkpoints
 from .checkpoint import FORMAT, checkpoint_path, save_atomic
-from .errors import NonFiniteLossError
+from .errors import NonFiniteLossError, StepMemoryError
 from .logging import fmt_seconds, human_flops
 from .samples import sample_and_save
+from .signals import StopRequested
 from .trainer import Trainer
 
 
@@ -84,6 +85,11 @@ def _restore(run, trainer: Trainer, ckpt: dict):
     if "rng" in ckpt and "torch" in ckpt["rng"]:
         torch.set_rng_state(ckpt["rng"]["torch"])
     run.bar.message(f"resuming {run.cfg.out} from {path}: {run.state.phase} step {run.state.phase_step}")
+    before = ckpt.get("num_threads")
+    if run.dist.device.type == "cpu" and before is not None and int(before) != torch.get_num_threads():
+        run.bar.message(f"note: this run trained on {before} CPU thread(s) so far and goes on with "
+                        f"{torch.get_num_threads()}: float sums change order, so from here it matches an uninterrupted "
+                        f"run to float rounding (~1e-6), not bit for bit; --threads {before} keeps it exact")
     run.log.write({"event": "resume", "from": path, "steps": int(ckpt["steps"])})
 
 
@@ -97,7 +103,8 @@ def _save(run, trainer: Trainer, phase: str, step: int, k: int, seconds: float):
         st = run.state
         save_atomic({**weights, "args": args, "steps": step, "phase": phase, "phase_step": k,
                      "transfer": st.transfer, "warmup_cost": st.warmup_cost, "phase_seconds": seconds,
-                     "rng": {"torch": torch.get_rng_state()}, "format": FORMAT}, path)
+                     "rng": {"torch": torch.get_rng_state()}, "num_threads": torch.get_num_threads(),
+                     "format": FORMAT}, path)
         run.log.write({"event": "checkpoint", "path": path, "steps": step, "phase": phase})
         run.result.checkpoint = path
         _prune(run)
@@ -109,7 +116,7 @@ def _samples(run, trainer: Trainer, step: int):
 
     model = trainer.sampling_model(lambda: SiT(**trainer.model.config()))  # FSDP: a collective gather
     sample_and_save(run.cfg, model, run.data, run.dist.device, step, run.amp, run.dist.main, run.log, run.result,
-                    run.dist.world)
+                    run.dist.world, stop=run.signals.stoppable(run.dist.world))
 
 
 def _evaluate(run, trainer: Trainer, step: int, window: dict):
@@ -151,7 +158,10 @@ def _check_finite(run, trainer: Trainer, phase: str):
 
 
 def _log(run, phase: str, out, step: int, k: int, n_steps: int, window: dict, elapsed: float, flops) -> dict:
-    lv, av, vv = out.loss.item(), out.align.item(), out.vel.item()
+    """A log row; under torchrun the losses are the mean over all ranks (every rank calls this at the
+    same steps), so the log does not depend on the number of processes."""
+    lv, av, vv = mean_over_ranks([out.loss.item(), out.align.item(), out.vel.item()], run.dist.world,
+                                 run.dist.device)
     dt = max(time.time() - window["t0"], 1e-9)
     rate = window["imgs"] / dt
     rec = dict(phase=phase, step=step, phase_step=k, loss=lv, loss_align=av, loss_velocity=vv,
@@ -212,7 +222,7 @@ def run_phase(run, phase: str, model, ckpt) -> str:
     window, last, status = dict(t0=time.time(), imgs=0, saved=time.time(), eval_s=0.0), {}, "finished"
     seconds = lambda: st.phase_seconds + (time.time() - t_start) - window["eval_s"]  # noqa: E731
     while k < n_steps:
-        out = trainer.train_step(batches.get(k), k, global_step=offset + k)
+        out = _train_step(run, trainer, batches, k, offset, phase)
         k += 1
         step = offset + k
         window["imgs"] += cfg.batch_size
@@ -224,10 +234,13 @@ def run_phase(run, phase: str, model, ckpt) -> str:
             _check_finite(run, trainer, phase)
         if do_log:
             last = _log(run, phase, out, step, k, n_steps, window, seconds(), flops)
-        if cfg.sample_every and not warm and step % cfg.sample_every == 0 and k < n_steps:
-            _samples(run, trainer, step)
-        if cfg.eval_every and not warm and step % cfg.eval_every == 0:
-            _evaluate(run, trainer, step, window)
+        try:
+            if cfg.sample_every and not warm and step % cfg.sample_every == 0 and k < n_steps:
+                _samples(run, trainer, step)
+            if cfg.eval_every and not warm and step % cfg.eval_every == 0:
+                _evaluate(run, trainer, step, window)
+        except StopRequested:  # a signal during a grid or an evaluation: stop with a checkpoint now
+            stop_now = True
         if probe is not None and step % cfg.align_probe_every == 0:
             probe(run, trainer.model, step, phase)
         if warm and k == n_steps:  # recorded before the end-of-warmup checkpoint, which carries it
@@ -240,8 +253,36 @@ def run_phase(run, phase: str, model, ckpt) -> str:
             break
     batches.close()
     run.result.steps = offset + k
-    _end_phase(run, trainer, phase, status, k, seconds(), flops, last)
+    try:
+        _end_phase(run, trainer, phase, status, k, seconds(), flops, last)
+    except StopRequested as e:  # during the final grid: the final checkpoint is written already
+        run.bar.message(f"stopped during the final sample grid (signal {e.signum}); training is complete and its "
+                        f"checkpoint {run.result.checkpoint} is written, the grid is not (python -m erw_fast.sample "
+                        f"--ckpt {cfg.out} --out {os.path.join(cfg.out, 'final.npz')} makes one)")
+        run.result.signal, status = e.signum, "interrupted"
     return status
+
+
+def _train_step(run, trainer, batches, k: int, offset: int, phase: str):
+    """One step; running out of memory is one error naming the batch and what lowers the memory."""
+    try:
+        return trainer.train_step(batches.get(k), k, global_step=offset + k)
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        cfg, world = run.cfg, run.dist.world
+        per = cfg.batch_size // world
+        micro = f", micro-batch {per // cfg.grad_accum} with --grad-accum {cfg.grad_accum}" if cfg.grad_accum > 1 else ""
+        raise StepMemoryError(
+            f"out of memory at step {offset + k + 1} ({phase}) with --batch-size {cfg.batch_size} ({per} per process"
+            f"{micro}) on {run.dist.device}: lower --batch-size, or keep it and split each step with --grad-accum N "
+            "(the same step in N micro-batches, less memory), or add --grad-checkpoint") from None
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", ())
+    msg = str(e)
+    return isinstance(e, oom) or "out of memory" in msg or "can't allocate memory" in msg
 
 
 def _stop(run, trainer, phase, step, k, seconds, saved: bool) -> str:
@@ -272,6 +313,7 @@ def _end_phase(run, trainer, phase, status, k, seconds, flops, last):
     if phase == PHASE_WARMUP:
         if st.warmup_cost is None:
             _record_warmup_cost(run, trainer, seconds, flops)
+        run.result.summary["warmup_last"] = last
         return
     step = cfg.warmup_steps + k
     if not ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step in cfg.ckpt_at):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
@@ -19,16 +21,18 @@ import torch
 
 from ..method.recipes import PHASE_TRAIN, PHASE_WARMUP, MethodSpec, get_method
 from ..method.transfer import TransferPlan, apply_transfer, plan_transfer, transfer_warmup
+from ..models.checkpoint import list_checkpoints
 from ..models.sit import SiT
 from ..utils.distributed import Dist, barrier, setup_distributed
 from ..utils.progress import RunProgress
+from ..utils.runlock import RunLock
 from ..utils.seeding import BatchIndexer
 from .build import build_net, feature_extraction, fused_setting, load_encoders, uses_bf16
 from .checkpoint import (read_warmup_source, clear_failed_start, set_aside_newer_checkpoints, folder_holds_checkpoints, open_resume_checkpoint, remove_stale_temp_files,
                          resume_config, truncate_metrics)
 from .config import TrainConfig, check_environment, resolve_config
 from .fsdp import plain_state_dict
-from .errors import NonFiniteLossError, RunFolderError  # noqa: F401  (re-exported)
+from .errors import NonFiniteLossError, PeerLostError, RunFolderError, StepMemoryError  # noqa: F401  (re-exported)
 from .logging import MetricsLog, summary_lines
 from .phase import run_phase
 from .signals import StopSignals
@@ -95,7 +99,8 @@ def _open_run(config: TrainConfig, d: Dist):
     fresh folder, everything checked before anything is written."""
     if config.resume:
         path, ckpt = open_resume_checkpoint(config)
-        cfg = resolve_config(resume_config(config, ckpt["args"]))
+        cfg = resolve_config(resume_config(config, ckpt["args"], path))
+        _check_resume_position(cfg, ckpt, path)
     else:
         config, warm = _with_warmup_source(config)
         cfg, ckpt, path = resolve_config(config), None, None
@@ -109,6 +114,25 @@ def _open_run(config: TrainConfig, d: Dist):
         raise ValueError(f"--grad-accum {cfg.grad_accum} does not divide the per-process batch "
                          f"{cfg.batch_size // d.world} (--batch-size {cfg.batch_size} over {d.world} processes)")
     return cfg, ckpt, path, (warm if not config.resume else None)
+
+
+def _finished(cfg: TrainConfig, ckpt: Optional[dict]) -> bool:
+    """Whether the checkpoint is the end of the run these settings describe (nothing left to train)."""
+    if ckpt is None:
+        return False
+    k = int(ckpt["phase_step"])
+    if ckpt["phase"] == PHASE_TRAIN:
+        return k >= cfg.steps
+    return cfg.steps == 0 and k >= cfg.warmup_steps  # a warmup-only run
+
+
+def _check_resume_position(cfg: TrainConfig, ckpt: dict, path: str):
+    """``--steps`` below where the run already is: one error (a finished run is handled in ``_train``)."""
+    k = int(ckpt["phase_step"])
+    if ckpt["phase"] == PHASE_TRAIN and k > cfg.steps:
+        raise ValueError(f"--steps {cfg.steps}: the run in {cfg.out} is already at full-training step {k} ({path}); "
+                         f"--steps is the total number of full-training steps, so give at least {k} (more to "
+                         "continue training)")
 
 
 def _with_warmup_source(config: TrainConfig):
@@ -134,7 +158,11 @@ def _make_folder(cfg: TrainConfig, d: Dist, ckpt: Optional[dict], bar: RunProgre
         if remove_stale_temp_files(cfg.out):
             bar.message(f"note: removed unfinished checkpoint writes (*.pt.tmp*) in {cfg.out}/checkpoints")
         if ckpt is not None:
-            truncate_metrics(cfg.out, int(ckpt["steps"]))
+            bad = truncate_metrics(cfg.out, int(ckpt["steps"]))
+            if bad:
+                bar.message(f"note: {os.path.join(cfg.out, 'metrics.jsonl')}: dropped {len(bad)} line(s) that are not "
+                            f"log records (not a JSON object, or a step that is not an integer), line(s) "
+                            f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}")
             moved = set_aside_newer_checkpoints(cfg.out, int(ckpt["steps"]))
             if moved:
                 bar.message(f"note: resuming from step {ckpt['steps']}: the {len(moved)} newer checkpoint(s) moved to "
@@ -164,14 +192,31 @@ def _banner(run: Run) -> str:
         warm = f"warmup reused from {cfg.warmup_from} ({cfg.warmup_steps} steps, L={cfg.l2r_depth}) + "
     return (f"erw_fast.train: {cfg.method} | {cfg.model} on {cfg.data} | encoder "
             f"{cfg.encoder if method.needs_encoder else '-'} | {warm}{cfg.steps} steps | batch {cfg.batch_size} "
-            f"x {run.dist.world} proc | lr {cfg.lr:g} | λ {sched} @ block {cfg.encoder_depth} | EMA {cfg.ema_decay} "
+            f"x {run.dist.world} proc | lr {cfg.lr:g} | λ {sched} @ block {cfg.encoder_depth - 1} | EMA {cfg.ema_decay} "
             f"| rope {cfg.rope} qk-norm {cfg.qk_norm} | {run.dist.device.type} {_precision_label(cfg, amp, run.dist.device)}"
             f"{' compiled' if cfg.compile else ''}{' fsdp' if cfg.fsdp and run.dist.world > 1 else ''} | out {cfg.out}")
 
 
 def _train(config: TrainConfig) -> TrainResult:
     d = setup_distributed(config.device)
+    lock = RunLock(config.out, "train") if d.main else None  # one writer per run folder (rank 0 writes)
+    try:
+        if lock is not None:
+            lock.acquire(create=False)  # an existing folder: locked before it is read
+        return _train_locked(config, d, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(config: TrainConfig, d: Dist, lock) -> TrainResult:
     cfg, ckpt, ckpt_path, warm = _open_run(config, d)
+    if _finished(cfg, ckpt):
+        if d.main:
+            print(f"{cfg.out} is finished: {ckpt_path} is its last step ({int(ckpt['steps'])}); nothing to do, "
+                  "nothing written. To train further: --resume --steps N with N above "
+                  f"{int(ckpt['phase_step']) if ckpt['phase'] == PHASE_TRAIN else 0}", file=sys.stderr)
+        return TrainResult(out=cfg.out, status="finished", steps=int(ckpt["steps"]), checkpoint=ckpt_path)
     method = get_method(cfg.method)
     from ..data import class_names_of, load_train_data
 
@@ -183,11 +228,14 @@ def _train(config: TrainConfig) -> TrainResult:
     if ckpt is not None:
         _check_resume_weights(cfg, data, encoders, ckpt, ckpt_path)
     bar = RunProgress(enabled=d.main, bar=cfg.progress)
+    fresh = not os.path.exists(cfg.out)
+    if lock is not None:
+        lock.acquire()  # a new folder is made (and locked) only now, once everything is checked
     _make_folder(cfg, d, ckpt, bar)
     if d.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    log = MetricsLog(cfg.out, enabled=d.main)
+    log = MetricsLog(cfg.out, enabled=d.main, notify=bar.message)
     first = PHASE_WARMUP if (method.warmup and cfg.warmup_steps > 0 and warm is None) else PHASE_TRAIN
     state = RunState(first)
     if ckpt is not None:
@@ -203,18 +251,51 @@ def _train(config: TrainConfig) -> TrainResult:
         run.result.summary.setdefault("features_cost", []).append(cost)
     if cfg.fsdp and d.world == 1:
         bar.message("note: --fsdp with one process has nothing to shard; training unsharded")
-    t0 = time.time()
     try:
-        with run.signals:
-            status = _run_phases(run, ckpt, warm, full)
-        run.result.status = status
-        if status == "finished" and d.main:
-            run.result.summary["total_seconds"] = time.time() - t0
-            bar.message(summary_lines(cfg, run.result, state))
-        return run.result
+        return _execute(run, ckpt, warm, full, fresh)
     finally:
         bar.close()
         log.close()
+
+
+def _execute(run: Run, ckpt, warm, full, fresh: bool) -> TrainResult:
+    """The phases, the summary; a step out of memory, or a lost torchrun peer, is one error line (a start
+    that wrote no checkpoint leaves nothing behind)."""
+    cfg, d, t0 = run.cfg, run.dist, time.time()
+    try:
+        with run.signals:
+            status = _run_phases(run, ckpt, warm, full)
+    except StepMemoryError:
+        if d.main and not folder_holds_checkpoints(cfg.out):
+            run.log.close()
+            if fresh:
+                shutil.rmtree(cfg.out, ignore_errors=True)  # this call made it: nothing half-made stays
+            else:
+                clear_failed_start(cfg.out)
+        raise
+    except RuntimeError as e:
+        if d.world <= 1 or not _lost_peer(e):
+            raise
+        last = run.result.checkpoint or (list_checkpoints(cfg.out) or ["none"])[-1]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PeerLostError(f"rank {d.rank} of {d.world}: a collective failed ({type(e).__name__}: {first}): another "
+                            "process of the run died or was killed (torchrun's report names the rank that exited). "
+                            f"Last checkpoint: {last}; continue with torchrun ... -m erw_fast.train --resume --out "
+                            f"{cfg.out}") from None
+    run.result.status = status
+    if status == "finished" and d.main:
+        run.result.summary["total_seconds"] = time.time() - t0
+        run.bar.message(summary_lines(cfg, run.result, run.state))
+    return run.result
+
+
+_COLLECTIVE_FAILURE = ("gloo", "nccl", "connection", "peer", "socket", "broken pipe", "timed out", "closed")
+
+
+def _lost_peer(e: BaseException) -> bool:
+    """Whether ``e`` is a failed collective (another rank gone), not a bug of this process."""
+    backend_error = getattr(torch.distributed, "DistBackendError", ())
+    return isinstance(e, backend_error) or any(w in str(e).lower() for w in _COLLECTIVE_FAILURE)
 
 
 def _check_resume_weights(cfg: TrainConfig, data, encoders, ckpt: dict, path: str):

@@ -14,9 +14,11 @@ from ..utils.distributed import barrier
 from ..utils.seeding import GRID_SEED_OFFSET
 
 
-def sample_and_save(cfg, ema_model, data, device, step: int, amp: bool, main: bool, log, result, world: int):
+def sample_and_save(cfg, ema_model, data, device, step: int, amp: bool, main: bool, log, result, world: int,
+                    stop=lambda steps: steps):
     """EMA sample grid → samples/<step>.png, samples.png and TensorBoard image ``samples/grid`` (latent data:
-    also the latents as .pt)."""
+    also the latents as .pt). ``stop`` wraps the sampler's step range (``StopSignals.checked``: a stop
+    signal ends the grid with ``StopRequested`` before anything of it is written)."""
     if main:
         from ..sampling import sample_grid
         from ..utils.images import image_grid, write_png
@@ -31,8 +33,8 @@ def sample_and_save(cfg, ema_model, data, device, step: int, amp: bool, main: bo
                                steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
                                guidance_interval=(0.0, cfg.guidance_high), seed=cfg.seed + GRID_SEED_OFFSET,
                                device=device, classes=data.sample_classes(),
-                               progress=lambda steps: progress(steps, desc=f"sample grid @ {step}", unit="step",
-                                                               disable=not cfg.progress))
+                               progress=lambda steps: progress(stop(steps), desc=f"sample grid @ {step}",
+                                                               unit="step", disable=not cfg.progress))
         path = None
         if latent:  # keep the latents; decode with the dataset's VAE when it is available locally
             torch.save({"latents": imgs.float().cpu(), "classes": data.sample_classes(), "step": step},

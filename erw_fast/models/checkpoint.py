@@ -233,6 +233,8 @@ def load_checkpoint(path_or_ckpt, model: Optional[SiT] = None, which: str = "ema
 
     With ``model=None`` the architecture is inferred from the weights' shapes and the stored
     args; ``overrides`` (e.g. ``num_heads=``, ``encoder_depth=``, ``use_rope=``) win over both.
+    The model is returned in eval mode (no label dropout: the same call samples the same images);
+    call ``.train()`` to train it further.
     """
     ckpt = read_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, (str, os.PathLike)) else path_or_ckpt
     sd = select_state_dict(ckpt, which)
@@ -246,11 +248,14 @@ def load_checkpoint(path_or_ckpt, model: Optional[SiT] = None, which: str = "ema
             f"`python -m erw_fast.train --warmup-from {where} ...`")
     if model is None:
         args = _args_dict(ckpt.get("args")) if isinstance(ckpt, dict) else {}
+        if not isinstance(args.get("model_config", {}), dict):
+            raise ValueError(f"{where}: args['model_config'] is a {type(args['model_config']).__name__}, not a dict "
+                             "of SiT settings (a damaged checkpoint?)")
         cfg = dict(args.get("model_config", {})) or infer_config(sd, args)
         cfg.update(overrides)
         model = SiT(**cfg)
     load_state_dict_checked(model, sd, strict=strict)
-    return model
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------

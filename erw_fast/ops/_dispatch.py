@@ -95,6 +95,17 @@ def _interpreter_enabled(op: str) -> bool:
     return _kernels.interpret_env()
 
 
+def triton_runs_on(device) -> bool:
+    """Whether ``backend='triton'`` can run every fused op on ``device``: CUDA with Triton, or CPU
+    tensors with the Triton interpreter on (``TRITON_INTERPRET=1`` before the kernels are imported)."""
+    dev = device if isinstance(device, torch.device) else torch.device(device)
+    if not triton_available():
+        return False
+    if dev.type == "cuda":
+        return True
+    return dev.type == "cpu" and all(_interpreter_enabled(op) for op in _KERNEL_MODULES)
+
+
 def _check_backend(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

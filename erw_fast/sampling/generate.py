@@ -24,6 +24,7 @@ from ..models.checkpoint import load_checkpoint, resolve_checkpoint
 from ..utils import distributed
 from ..utils.images import save_png_grid, to_uint8
 from ..utils.progress import progress
+from ..utils.runlock import output_lock
 from .samplers import sample, sample_noise
 
 __all__ = ["PRECISIONS", "parse_interval", "parse_classes", "labels_for_indices", "output_paths", "load_model",
@@ -150,8 +151,9 @@ class LatentDecoder:
 # --------------------------------------------------------------------------------------------
 def generate(model, indices: Sequence[int], shape, classes: Sequence[int], *, seed: int = 0,
              sampler: str = "sde", steps: int = 250, cfg_scale: float = 1.0, guidance_interval=(0.0, 1.0),
-             batch_size: int = 64, decoder=None, show_progress: bool = False):
-    """uint8 (len(indices), H, W, C) samples and their labels for the given sample indices."""
+             batch_size: int = 64, decoder=None, show_progress: bool = False, step_progress=None):
+    """uint8 (len(indices), H, W, C) samples and their labels for the given sample indices.
+    ``step_progress`` wraps each batch's sampler steps (e.g. a training run's stop-signal check)."""
     indices = [int(i) for i in indices]
     params = next(model.parameters())
     device = params.device
@@ -162,7 +164,8 @@ def generate(model, indices: Sequence[int], shape, classes: Sequence[int], *, se
             idx = indices[start:start + batch_size]
             noise, gens = sample_noise(idx, shape, seed, device=device, dtype=torch.float32)
             x = sample(model, noise, labels_all[start:start + len(idx)].to(device), sampler=sampler, steps=steps,
-                       cfg_scale=cfg_scale, guidance_interval=guidance_interval, generator=gens)
+                       cfg_scale=cfg_scale, guidance_interval=guidance_interval, generator=gens,
+                       progress=step_progress)
             if decoder is not None:
                 x = decoder(x)
             chunks.append(to_uint8(x.float().clamp(-1, 1).cpu()).transpose(0, 2, 3, 1))
@@ -252,7 +255,19 @@ def _ranks(rank: Optional[int], world_size: Optional[int], device: Optional[str]
     return d, d.world > 1
 
 
-def sample_checkpoint(ckpt: str, num_samples: int, out: str, *, weights: str = "ema", sampler: str = "sde",
+def sample_checkpoint(ckpt: str, num_samples: int, out: str, **kw) -> dict:
+    """Sample ``num_samples`` images from ``ckpt`` into ``out``; see :func:`_sample_checkpoint`. A training
+    run's own files (``samples.png``, ...) are never replaced, and the output folder is locked
+    (``erw_fast.utils.runlock``: one writer per folder; rank 0 of a multi-rank run holds it)."""
+    npz_path, png_path = output_paths(out)
+    example = "sampled.npz (with sampled.png beside it)"
+    outputs = [(npz_path, "--out", example), (png_path if kw.get("png", True) else None, "--out", example)]
+    rank0 = (kw.get("rank") or 0) == 0 and os.environ.get("RANK", "0") == "0"
+    with output_lock(outputs if rank0 else [], "sample"):
+        return _sample_checkpoint(ckpt, num_samples, out, **kw)
+
+
+def _sample_checkpoint(ckpt: str, num_samples: int, out: str, *, weights: str = "ema", sampler: str = "sde",
                       steps: int = 250, cfg_scale: float = 1.0, guidance_interval="0,1",
                       classes: Optional[str] = None, seed: int = 0, batch_size: int = 64,
                       precision: str = "auto", device: Optional[str] = None, vae: str = DEFAULT_VAE,

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..utils.runlock import RunLock
 from .config import Arm, StudyConfig, check_config, selected_arms, study_arms, study_config, study_settings
 from .execute import (Job, StudyError, collect_fits, collect_results, cores, data_floor, final_losses, probe_flops, read_jsonl,
                       run_conditions, run_dir, run_jobs, say, seeds_in)
@@ -181,8 +182,19 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
     print_plan(flops, budget, plans)
     if cfg.plan_only:
         return dict(flops=flops, budget=budget, plans=plans)
+    lock = RunLock(cfg.out, "convergence").acquire(create=False)  # one study per folder (each arm's run
+    try:                                                          # folder is locked by train)
+        return _run_and_report(cfg, flops, budget, plans, argv, t_start, lock)
+    finally:
+        lock.release()
+
+
+def _run_and_report(cfg: StudyConfig, flops, budget, plans, argv, t_start, lock) -> dict:
+    from .report import write_doc, write_plot
+
     check_settings(cfg.out, {**study_settings(cfg), "plans": {n: [p.warmup_steps, p.steps, p.align_until, p.eval_steps]
                                                               for n, p in plans.items()}})
+    lock.acquire()  # a new folder: locked once its settings are written
     _run_logged(cfg, [Job(a, plans[a.name], s) for s in cfg.seeds for a in selected_arms(cfg)], flops, argv)
     seeds = seeds_in(cfg)
     results = collect_results(cfg, plans, seeds)

@@ -13,7 +13,9 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -29,6 +31,48 @@ from .plan import RunPlan, compute_at, mean_std
 
 class StudyError(RuntimeError):
     """A study run that did not finish (the command line reports it in one line)."""
+
+
+class StudyStopped(StudyError):
+    """A stop signal (SIGTERM, SIGHUP, Ctrl-C): the runs under way were stopped, each with a checkpoint;
+    the command exits 128+N."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {int(signum)}: the runs under way were stopped with a checkpoint; "
+                         "rerun the same command to resume (finished runs and evaluations are kept)")
+        self.exit_code = 128 + int(signum)
+
+
+def _worker_init(parent: int):
+    """A study worker: Ctrl-C is the parent's to handle (it stops the workers; no traceback from one),
+    and the worker gets SIGTERM when its parent dies, however it dies (Linux: prctl PR_SET_PDEATHSIG)."""
+    from ..engine import signals
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signals.IGNORE_SIGINT = True  # the worker's training runs leave Ctrl-C ignored too
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the parent's handler stops them
+            pass
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(1)
+
+
+def _raise_stop(signum, _frame):
+    raise StudyStopped(signum)
+
+
+def _stop_workers(pool):
+    """SIGTERM to every worker (a training run checkpoints and ends), then wait for them."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=300)
 
 
 def say(msg: str):
@@ -108,6 +152,8 @@ def train_run(cfg: StudyConfig, plan: RunPlan, seed: int, threads: int) -> str:
     with open(os.path.join(out, "train.log"), "a") as log, contextlib.redirect_stdout(log), \
             contextlib.redirect_stderr(log):
         res = train(tc)
+    if res.status == "interrupted" and res.signal is not None:
+        raise StudyStopped(res.signal)
     if res.status != "finished":
         raise StudyError(f"{out}: training ended with status {res.status!r} (see {out}/train.log); run the same "
                          "command again to resume it (finished runs and evaluations are kept)")
@@ -274,8 +320,22 @@ def run_jobs(cfg: StudyConfig, jobs: Sequence[Job], flops: Dict[str, float]) -> 
                 raise _failed(cfg, job, e) from e
             say(_finished_line(i, n, job, out, t_start))
         return
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():  # SIGTERM/SIGHUP stop the workers too
+        handlers = {sg: signal.signal(sg, _raise_stop) for sg in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        _run_pool(cfg, jobs, flops, threads, n, t_start)
+    except KeyboardInterrupt:
+        raise StudyStopped(signal.SIGINT) from None
+    finally:
+        for sg, h in handlers.items():
+            signal.signal(sg, h)
+
+
+def _run_pool(cfg: StudyConfig, jobs: Sequence[Job], flops, threads: int, n: int, t_start: float):
     ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx, initializer=_worker_init,
+                             initargs=(os.getpid(),)) as pool:
         pending = {pool.submit(run_arm, cfg, j.plan, j.seed, flops, threads): j for j in jobs}
         done_count = 0
         try:
@@ -291,6 +351,11 @@ def run_jobs(cfg: StudyConfig, jobs: Sequence[Job], flops: Dict[str, float]) -> 
                         raise err from e
                     done_count += 1
                     say(_finished_line(done_count, n, job, out, t_start))
+        except (KeyboardInterrupt, StudyStopped):
+            say("stopping: the runs under way checkpoint and end ...")
+            _stop_workers(pool)  # before shutdown, which forgets the worker processes
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise

@@ -34,6 +34,19 @@ def preset_flags(parser: argparse.ArgumentParser, argv: Optional[List[str]] = No
     return quick, {k: v for k, v in a.items() if v is not None and v is not False}, [v for v in argv if v != "--debug"]
 
 
+def given_dests(parser: argparse.ArgumentParser, argv: List[str]) -> set:
+    """The destinations set on the command line ``argv`` (not left at their defaults): ``argv`` parsed a
+    second time with every default suppressed. Call it after a normal parse, which reports bad flags."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for a, default in saved:
+            a.default = default
+
+
 def is_expected(e: BaseException) -> bool:
     return isinstance(e, (ValueError, OSError, ImportError)) or type(e).__module__.startswith("erw_fast")
 

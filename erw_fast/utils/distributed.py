@@ -96,6 +96,16 @@ def max_over_ranks(value: int, world: int, device) -> int:
     return int(t.item())
 
 
+def mean_over_ranks(values, world: int, device) -> list:
+    """The mean of each value over all ranks (one all-reduce in float64; the values unchanged with one
+    process)."""
+    if world <= 1:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / world).tolist()
+
+
 def shutdown():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
