@@ -61,8 +61,8 @@ def test_digits_ssl_is_the_default_with_the_same_interface():
     from erw_fast.engine import TrainConfig
     from erw_fast.engine.config import resolve_config
 
-    assert DEFAULT_DIGITS_ENCODER == "digits-ssl" == TrainConfig().encoder
-    assert resolve_config(TrainConfig(data="digits")).encoder == "digits-ssl"
+    assert DEFAULT_DIGITS_ENCODER == "digits-ssl" and TrainConfig().encoder is None  # filled in per dataset
+    assert resolve_config(TrainConfig(data="digits")).encoder == "digits-ssl" == resolve_config(TrainConfig(data="digits:5-9")).encoder
     enc, old = build_encoder("digits-ssl"), build_encoder("digits-cnn")
     assert enc.name == "digits-ssl" and old.name == "digits-cnn"
     assert (enc.token_grid, enc.num_tokens, enc.dim) == (old.token_grid, old.num_tokens, old.dim) == (8, 64, 64)
