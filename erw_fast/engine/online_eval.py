@@ -49,7 +49,7 @@ def _score(run, arr, labels) -> dict:
     cfg = run.cfg
     name = "digits" if cfg.data == "digits" else "inception"  # latent data and image folders: --inception
     net = get_feature_network(name, cfg.inception if name == "inception" else None)
-    ref = reference_stats(net, cfg.eval_ref if name == "inception" else None)
+    ref = reference_stats(net, cfg.eval_ref if name == "inception" else None, flag="--eval-ref")
     out = {"fid": frechet_distance(*feature_stats(compute_features(arr, net)), *ref)}
     if name == "digits":
         out["sample_accuracy"] = classifier_accuracy(arr, labels, net)
