@@ -23,7 +23,7 @@ import torch
 
 from ..utils.distributed import setup_distributed
 from .shards import (IMAGE_EXTS, PreprocessError, RepaLayout, latent_shard_done, latent_shard_writer,
-                     shard_sizes, wait_for, write_index)
+                     shard_sizes, source_identity, wait_for, write_index)
 from .vae import DATA_EXTRA, DEFAULT_VAE, SD_VAE_SCALE, encode_moments, load_vae
 
 VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,27 +67,26 @@ def adm_center_crop(image, resolution: int, allow_upscale: bool = False, name: s
     return np.array(arr[top:top + resolution, left:left + resolution], dtype=np.uint8, order="C")
 
 
-def list_image_folder(images: str) -> Tuple[List[str], List[int], List[str]]:
-    """(relative file paths, labels, class names) of an ImageNet-layout folder, sorted."""
+def list_image_folder(images: str, verbose: bool = True) -> Tuple[List[str], List[int], List[str]]:
+    """(relative file paths, labels, class names) of an ImageNet-layout folder, sorted (the listing of
+    ``imagefolder.scan_class_folders``: every entry not used is named in a note on stderr)."""
+    from .imagefolder import scan_class_folders
+
     if not os.path.isdir(images):
         raise PreprocessError(f"--images {images!r} is not a folder")
-    classes = sorted(d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d)))
+    files, labels, classes, notes, _ = scan_class_folders(images, f"--images {images}")
     if not classes:
         raise PreprocessError(f"--images {images!r} has no class sub-folders; expected one sub-folder per class "
                               "(ImageNet layout: DIR/<class>/<image>.JPEG)")
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        base = os.path.join(images, name)
-        found = []
-        for dirpath, _d, fns in os.walk(base):
-            for fn in fns:
-                if fn.lower().endswith(IMAGE_EXTS):
-                    found.append(os.path.relpath(os.path.join(dirpath, fn), images).replace(os.sep, "/"))
-        found.sort()
-        files += found
-        labels += [c] * len(found)
     if not files:
         raise PreprocessError(f"no images ({', '.join(IMAGE_EXTS)}) under {images!r}")
+    empty = [c for i, c in enumerate(classes) if i not in set(labels)]
+    if empty:
+        notes.append(f"{len(empty)} class folder(s) hold no images (their labels get no samples): "
+                     f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
+    if verbose and int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"note: --images {images}: {note}", file=sys.stderr)
     return files, labels, classes
 
 
@@ -133,7 +132,8 @@ def _repa_source(from_repa: str, shard_size: int, batch_size: int) -> _Source:
     moments_shape, image_shape = tuple(src.moments_shape), tuple(src.image_shape)
     settings = dict(resolution=int(image_shape[-1]), vae="repa:" + os.path.abspath(from_repa), shard_size=shard_size,
                     num_classes=int(src.num_classes), moments_shape=list(moments_shape),
-                    image_shape=list(image_shape), scale=SD_VAE_SCALE)
+                    image_shape=list(image_shape), scale=SD_VAE_SCALE,
+                    source_id=source_identity(src.features_dir, src.feature_files))
     labels = src.labels
 
     def fill(writer, k, lo, n, bar):
@@ -155,7 +155,8 @@ def _image_source(images: str, resolution: int, vae: str, vae_dtype: str, batch_
         probe = encode_moments(model, torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8))
     moments_shape, image_shape = tuple(probe.shape[1:]), (3, resolution, resolution)
     settings = dict(resolution=resolution, vae=vae, shard_size=shard_size, num_classes=len(classes),
-                    moments_shape=list(moments_shape), image_shape=list(image_shape), scale=SD_VAE_SCALE)
+                    moments_shape=list(moments_shape), image_shape=list(image_shape), scale=SD_VAE_SCALE,
+                    source_id=source_identity(images, files))
 
     def fill(writer, k, lo, n, bar):
         ds = _CropDataset(images, files[lo:lo + n], resolution, allow_upscale)
