@@ -108,7 +108,7 @@ def _noise_levels(levels: Sequence[float]) -> List[float]:
 def _encoder_choice(data: str, encoder: Optional[str], encoder_path: Optional[str], args: dict):
     if encoder is None and _trained_without_encoder(args):
         raise ValueError(f"--ckpt: the run was trained without a target encoder (--method {args.get('method')}"
-                         f"{', --encoder none' if str(args.get('encoder')).lower() == 'none' else ''}); pass --encoder "
+                         f"{', --encoder none' if str(args.get('encoder')).strip().lower() == 'none' else ''}); pass --encoder "
                          "NAME (e.g. digits-cnn, dinov2-vit-b) to compare its blocks with one")
     if encoder is None:  # the run's own target encoder, else the data's default
         encoder = str(args.get("encoder") or ("digits-cnn" if data == "digits" else "dinov2-vit-b")).split(",")[0]
@@ -123,8 +123,8 @@ def _trained_without_encoder(args: dict) -> bool:
     """Whether the checkpoint's args say its run used no target encoder (vanilla SiT, --encoder none)."""
     from ..method.recipes import METHODS
 
-    method = METHODS.get(str(args.get("method")))
-    return (method is not None and not method.needs_encoder) or str(args.get("encoder")).strip().lower() == "none"
+    method, enc = METHODS.get(str(args.get("method"))), args.get("encoder")
+    return (method is not None and not method.needs_encoder) or (isinstance(enc, str) and enc.strip().lower() == "none")
 
 
 def _check_request(model: SiT, data, num_images: int, topk: int, available: int):
