@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..utils.cli import check_positive, check_writable
 from ..utils.distributed import setup_distributed
 from .shards import (IMAGE_EXTS, PreprocessError, RepaLayout, latent_shard_done, latent_shard_writer,
                      shard_sizes, source_identity, wait_for, write_index)
@@ -211,6 +212,12 @@ def preprocess(images: Optional[str] = None, out: str = "", resolution: int = 25
         raise PreprocessError("give exactly one of --images DIR (class sub-folders) or --from-repa DIR")
     if small_images not in ("error", "upscale"):
         raise PreprocessError(f"--small-images {small_images!r}: use 'error' or 'upscale'")
+    check_positive(batch_size=batch_size, shard_size=shard_size, resolution=resolution)
+    if workers < 0:
+        raise PreprocessError(f"--workers must be >= 0 (0: decode in the main process), got {workers}")
+    if images is not None and resolution % 8:
+        raise PreprocessError(f"--resolution {resolution}: the SD-VAE downsamples by 8; use a multiple of 8 (256, 512)")
+    check_writable(out, "--out", folder=True)  # before the VAE is loaded and any image is read
     d = setup_distributed("auto", process_group=False)
     rank, world, dev = d.rank, d.world, (torch.device(device) if device is not None else d.device)
     if from_repa is not None:  # the sources check their inputs: nothing is written before that

@@ -26,6 +26,14 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def check_positive(**values) -> None:
+    """ValueError ``--name must be an integer >= 1, got v`` for the first value (given by its flag's
+    name, ``batch_size`` = ``--batch-size``) that is not; ``None`` means unset and passes."""
+    for name, v in values.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+
+
 def check_writable(path: str, flag: str, folder: bool = False) -> None:
     """ValueError naming ``flag`` unless ``path`` can be written (a file, or with ``folder`` a folder
     to write into), checked before any expensive work: its nearest existing folder must be a folder
