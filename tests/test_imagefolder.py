@@ -92,7 +92,7 @@ def test_vanilla_without_encoder_from_the_command_line(tmp_path, shapes, capsys)
     assert (out / "samples.png").is_file() and (out / "checkpoints" / "0000003.pt").is_file()
     cfg = json.load(open(out / "config.json"))
     assert cfg["data"] == shapes and cfg["class_names"] == list(CLASSES) and cfg["encoder"] == "none"
-    assert f"vanilla | SiT-D/4 on {shapes}" in capsys.readouterr().err
+    assert f"vanilla (SiT's recipe) | SiT-D/4 on {shapes}" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:dinov2-vit")
