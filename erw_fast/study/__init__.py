@@ -20,7 +20,7 @@ import torch
 
 from .config import Arm, StudyConfig, check_config, selected_arms, study_arms, study_config, study_settings
 from .execute import (Job, StudyError, collect_results, cores, data_floor, final_losses, probe_flops, read_jsonl,
-                      run_conditions, run_dir, run_jobs, say, seeds_in)
+                      run_conditions, run_dir, run_jobs, say, seeds_in, train_config)
 from .plan import RunPlan, compute_at, compute_ratios, crossing, plan_runs
 
 __all__ = ["Arm", "RunPlan", "StudyConfig", "StudyError", "compute_at", "compute_ratios", "crossing", "plan_runs",
