@@ -12,8 +12,9 @@ REF.npz``; REF may be ADM's reference batch (``VIRTUAL_imagenet256_labeled.npz``
 ``mu``/``sigma``, precision/recall against its ``arr_0`` images (a REF with only one of them: FID
 from it, the other metric null). Beside FID: ``inception_score`` (mean and ``inception_score_std``
 over ADM's consecutive 5,000-sample splits, the last one shorter) from the feature network's class
-softmax, and ``precision``/``recall`` (Kynkäänniemi et al. 2019, k = 3) in its feature space; a metric that cannot be computed (too few
-samples, no class output, no reference images) is null with the reason in ``warning``.
+softmax, and ``precision``/``recall`` (Kynkäänniemi et al. 2019, k = 3) in its feature space; a metric
+that cannot be computed (too few samples, no class output, no reference images) is null with the
+reason in ``warning``.
 The digits network refuses images that are not greyscale 8..16 px squares (N, S, S, 1) and labels
 outside 0..9. ``--ckpt`` may be a run folder (its latest checkpoint); sampling shows a progress bar
 (``--no-progress`` to hide it). Prints one JSON line; ``--json-out`` also writes it to a file.

@@ -226,10 +226,11 @@ def source_identity(root: str, files: Sequence[str]) -> str:
 def _latent_mismatch(out: str, k: int):
     def error(key, have, want):
         if key == "source_id":
+            old = "" if have else "; or written before sources were recorded"
             return PreprocessError(
                 f"{out} holds latents of another source ({shard_stem(out, k)}.json records source {have!r}, "
-                f"these inputs are {want!r}: other files or sizes{'' if have else '; or written before sources were recorded'}); "
-                "use another --out, or delete that folder to rebuild it")
+                f"these inputs are {want!r}: other files or sizes{old}); use another --out, or delete that folder "
+                "to rebuild it")
         return PreprocessError(
             f"{shard_stem(out, k)}.json was written with {key}={have!r}, this run has {key}={want!r}: {out} holds "
             "shards made with other settings; use another --out (or delete that folder)")

@@ -107,9 +107,9 @@ def _noise_levels(levels: Sequence[float]) -> List[float]:
 
 def _encoder_choice(data: str, encoder: Optional[str], encoder_path: Optional[str], args: dict):
     if encoder is None and _trained_without_encoder(args):
-        raise ValueError(f"--ckpt: the run was trained without a target encoder (--method {args.get('method')}"
-                         f"{', --encoder none' if str(args.get('encoder')).strip().lower() == 'none' else ''}); pass --encoder "
-                         "NAME (e.g. digits-cnn, dinov2-vit-b) to compare its blocks with one")
+        none = ", --encoder none" if str(args.get("encoder")).strip().lower() == "none" else ""
+        raise ValueError(f"--ckpt: the run was trained without a target encoder (--method {args.get('method')}{none}); "
+                         "pass --encoder NAME (e.g. digits-cnn, dinov2-vit-b) to compare its blocks with one")
     if encoder is None:  # the run's own target encoder, else the data's default
         encoder = str(args.get("encoder") or ("digits-cnn" if data == "digits" else "dinov2-vit-b")).split(",")[0]
         if encoder_path is None and args.get("encoder_path") and args.get("encoder") == encoder:

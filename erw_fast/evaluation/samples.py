@@ -22,7 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..metrics import (IS_SPLIT_SIZE, check_covariance, classifier_accuracy, compute_features, compute_features_and_probs, digits_reference_features,
+from ..metrics import (IS_SPLIT_SIZE, check_covariance, classifier_accuracy, compute_features,
+                       compute_features_and_probs, digits_reference_features,
                        digits_reference_stats, feature_stats, frechet_distance, get_feature_network, inception_score,
                        precision_recall)
 from ..sampling import SAMPLERS
@@ -30,7 +31,8 @@ from ..utils.cli import check_writable
 from ..sampling.generate import (check_request, checkpoint_path, generate, load_model, parse_classes,
                                   parse_interval)
 
-__all__ = ["scoring_setup", "read_npz", "check_labels", "load_npz_samples", "load_reference", "reference", "reference_stats", "check_digits_input",
+__all__ = ["scoring_setup", "read_npz", "check_labels", "load_npz_samples", "load_reference", "reference",
+           "reference_stats", "check_digits_input",
            "evaluate_samples", "sample_for_evaluation", "evaluate"]
 
 DIGITS_SIZES = (8, 16)  # the embedded digits' own size .. the classifier's input (and the reference's) size
@@ -71,8 +73,8 @@ def read_npz(path: str, flag: str, keys) -> dict:
     try:
         f = np.load(path, allow_pickle=False)
     except ValueError as e:  # numpy's message for pickled data (or anything unknown) suggests allow_pickle
-        raise ValueError(f"{where}: not a .npz archive of arrays ({'it holds pickled data, which is never loaded' if 'pickle' in str(e) else e}); "
-                         "write it with numpy.savez") from None
+        why = "it holds pickled data, which is never loaded" if "pickle" in str(e) else str(e)
+        raise ValueError(f"{where}: not a .npz archive of arrays ({why}); write it with numpy.savez") from None
     except (EOFError, OSError, zipfile.BadZipFile) as e:
         raise ValueError(f"{where}: not a readable .npz archive (truncated or damaged: {e})") from None
     if not isinstance(f, np.lib.npyio.NpzFile):
