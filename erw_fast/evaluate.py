@@ -11,9 +11,10 @@ classifier reads as the requested digit. ImageNet: ``--feature-net inception --i
 REF.npz``; REF may be ADM's reference batch (``VIRTUAL_imagenet256_labeled.npz``): FID against its
 ``mu``/``sigma``, precision/recall against its ``arr_0`` images (a REF with only one of them: FID
 from it, the other metric null). Beside FID: ``inception_score`` (mean and ``inception_score_std``
-over 10 splits, as ADM) from the feature network's class softmax, and ``precision``/``recall``
-(Kynkäänniemi et al. 2019, k = 3) in its feature space; a metric that cannot be computed (too few
-samples, no class output, no reference images) is null with the reason in ``warning``.
+over ADM's consecutive 5,000-sample splits, the last one shorter) from the feature network's class
+softmax, and ``precision``/``recall`` (Kynkäänniemi et al. 2019, k = 3) in its feature space; a metric
+that cannot be computed (too few samples, no class output, no reference images) is null with the
+reason in ``warning``.
 The digits network refuses images that are not greyscale 8..16 px squares (N, S, S, 1) and labels
 outside 0..9. ``--ckpt`` may be a run folder (its latest checkpoint); sampling shows a progress bar
 (``--no-progress`` to hide it). Prints one JSON line; ``--json-out`` also writes it to a file.
@@ -28,7 +29,7 @@ import json
 import sys
 
 from .evaluation.samples import evaluate
-from .utils.cli import add_debug_flag, run_cli
+from .utils.cli import add_debug_flag, check_writable, run_cli
 from .utils.runlock import output_lock
 
 
@@ -66,6 +67,8 @@ def main(argv=None) -> dict:
     """Run the CLI; errors are raised (``python -m`` turns them into one ``error:`` line, see
     :func:`erw_fast.utils.cli.run_cli`)."""
     a = build_parser().parse_args(argv)
+    if a.json_out:
+        check_writable(a.json_out, "--json-out")  # before the sampling and scoring, not after
     with output_lock([(a.json_out, "--json-out", "eval.json"), (a.save_npz, "--save-npz", "eval-samples.npz")],
                      "evaluate"):
         return _run(a)

@@ -4,7 +4,9 @@
   root: ``tr sqrt(S1 S2) = tr sqrt(sqrt(S1) S2 sqrt(S1))``, the latter symmetric PSD, so both
   square roots come from symmetric eigen-decompositions (negative round-off eigenvalues clipped).
 - :func:`inception_score`: ``exp(mean_i KL(p(y|x_i) || p(y)))`` per split (``p(y)`` the split's
-  marginal), mean and std over ``splits`` contiguous splits (ADM / improved-GAN / StyleGAN).
+  marginal), mean and std over consecutive 5,000-sample splits, the last one shorter (ADM's evaluator).
+- :func:`check_covariance`: the one rule for a covariance FID reads (finite, symmetric, PSD within
+  ``COV_TOL``); :func:`frechet_distance` applies it and refuses a meaningfully negative result.
 - :func:`precision_recall`: Kynkäänniemi et al. 2019 with k = 3 (as ADM): radii are the distance
   to the k-th nearest neighbour excluding the point itself; float64, pairwise distances in blocks.
 - Feature networks implement ``features(images) -> (N, D)`` for images in [-1, 1], (N, C, H, W),
@@ -31,7 +33,8 @@ __all__ = [
     "FeatureNetwork", "DigitsFeatures", "frechet_distance", "feature_stats", "get_feature_network",
     "compute_features", "images_from_uint8", "digits_reference_stats", "fid_from_images",
     "classifier_accuracy", "sqrtm_psd", "inception_score", "precision_recall", "compute_features_and_probs",
-    "digits_reference_features", "EncoderFeatures", "fd_name", "encoder_fd_stats",
+    "digits_reference_features", "EncoderFeatures", "fd_name", "encoder_fd_stats", "check_covariance", "COV_TOL",
+    "FID_TOL", "IS_SPLIT_SIZE",
 ]
 
 
@@ -49,8 +52,39 @@ def sqrtm_psd(a) -> np.ndarray:
     return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
 
 
+# A covariance is accepted as symmetric when max |S - S^T| <= COV_TOL · max |S|, and as positive
+# semi-definite when its smallest eigenvalue is >= -COV_TOL · its largest |eigenvalue|: float32 storage of
+# a 2048 x 2048 covariance moves eigenvalues by ~3e-6 of the largest, a matrix that is not a covariance
+# (e.g. a random symmetric one) by far more.
+COV_TOL = 1e-5
+# A Fréchet distance below -FID_TOL · (tr S1 + tr S2 + |mu1 - mu2|^2) is not round-off: it is refused.
+FID_TOL = 1e-6
+
+
+def check_covariance(sigma, name: str = "sigma", eigenvalues=None) -> None:
+    """ValueError (naming ``name``) unless ``sigma`` is a finite, square, symmetric, positive
+    semi-definite matrix within ``COV_TOL``; the one rule for every covariance FID reads."""
+    s = _f64(sigma)
+    if s.ndim != 2 or s.shape[0] != s.shape[1]:
+        raise ValueError(f"{name}: shape {s.shape}, expected a square (D, D) covariance")
+    if not np.isfinite(s).all():
+        raise ValueError(f"{name}: contains NaN or inf")
+    scale = float(np.abs(s).max()) if s.size else 0.0
+    asym = float(np.abs(s - s.T).max()) if s.size else 0.0
+    if asym > COV_TOL * scale:
+        raise ValueError(f"{name}: not symmetric (max |S - S^T| = {asym:.3g}, more than {COV_TOL:g} of max |S| = "
+                         f"{scale:.3g}); not a covariance matrix")
+    w = np.linalg.eigvalsh((s + s.T) / 2) if eigenvalues is None else eigenvalues
+    top = float(np.abs(w).max()) if w.size else 0.0
+    if w.size and w.min() < -COV_TOL * top:
+        raise ValueError(f"{name}: not positive semi-definite (smallest eigenvalue {w.min():.4g}, largest "
+                         f"|eigenvalue| {top:.4g}; tolerance {COV_TOL:g} of it); not a covariance matrix")
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """``||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2)`` (NumPy arrays or tensors), float64."""
+    """``||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr sqrt(S1 S2)`` (NumPy arrays or tensors), float64.
+    Both covariances must be symmetric PSD (``check_covariance``); a result below ``-FID_TOL`` of the
+    terms' scale raises instead of being clamped (only round-off may be, to 0)."""
     mu1, mu2, s1, s2 = _f64(mu1), _f64(mu2), _f64(sigma1), _f64(sigma2)
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     s1, s2 = np.atleast_2d(s1), np.atleast_2d(s2)
@@ -58,16 +92,22 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     if mu1.ndim != 1 or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {s1.shape}, sigma2 {s2.shape}; "
                          "expected (D,), (D,), (D, D), (D, D)")
-    for name, x in (("mu1", mu1), ("mu2", mu2), ("sigma1", s1), ("sigma2", s2)):
+    for name, x in (("mu1", mu1), ("mu2", mu2)):
         if not np.isfinite(x).all():
             raise ValueError(f"{name} contains NaN or inf")
+    check_covariance(s1, "sigma1")
+    check_covariance(s2, "sigma2")
     r1 = sqrtm_psd(s1)
     m = r1 @ ((s2 + s2.T) / 2) @ r1
     eig = np.linalg.eigvalsh((m + m.T) / 2)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     diff = mu1 - mu2
     value = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean
-    return float(max(value, 0.0))  # only round-off can make it negative
+    scale = diff @ diff + np.trace(s1) + np.trace(s2)
+    if value < -FID_TOL * scale:
+        raise ValueError(f"Fréchet distance {value:.6g} is negative beyond round-off ({FID_TOL:g} of {scale:.6g}): "
+                         "the statistics are not a mean and covariance of the same features")
+    return float(max(value, 0.0))  # round-off only
 
 
 def feature_stats(features) -> Tuple[np.ndarray, np.ndarray]:
@@ -81,20 +121,21 @@ def feature_stats(features) -> Tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 # Inception Score, precision and recall
 # --------------------------------------------------------------------------------------------
-def inception_score(probs, splits: int = 10) -> Tuple[float, float]:
-    """Inception Score of class probabilities (N, C): per split ``exp(mean_i KL(p(y|x_i) || p(y)))``
-    with ``p(y)`` the split's mean prediction; returns (mean, std) over ``splits`` contiguous splits
-    (split i holds rows ``i*N//splits .. (i+1)*N//splits``: ADM's 5,000-row splits for N = 50,000).
-    Float64; ``0 log 0 = 0`` (where ADM's ``np.log`` would give NaN). 1 for identical predictions,
-    C for confident predictions balanced over C classes in every split."""
+IS_SPLIT_SIZE = 5000  # ADM's evaluator: consecutive 5,000-sample splits (the last one may be shorter)
+
+
+def inception_score(probs, split_size: int = IS_SPLIT_SIZE) -> Tuple[float, float]:
+    """Inception Score of class probabilities (N, C) with the splits of ADM's evaluator: rows
+    ``0..split_size-1``, ``split_size..2·split_size-1``, ... (the last split holds the rest, as ADM's
+    ``range(0, N, split_size)``), per split ``exp(mean_i KL(p(y|x_i) || p(y)))`` with ``p(y)`` the
+    split's mean prediction; returns (mean, std) over the splits (ADM prints the mean; std is 0 for one
+    split). Float64; ``0 log 0 = 0`` (where ADM's ``np.log`` would give NaN). 1 for identical
+    predictions, C for confident predictions balanced over C classes in every split."""
     p = _f64(probs)
-    if isinstance(splits, bool) or not isinstance(splits, (int, np.integer)) or splits < 1:
-        raise ValueError(f"splits must be an integer >= 1, got {splits!r}")
-    if p.ndim != 2 or p.shape[1] < 1:
-        raise ValueError(f"probabilities must be (N, C), got shape {p.shape}")
-    n = p.shape[0]
-    if n < splits:
-        raise ValueError(f"Inception Score with {splits} splits needs at least {splits} samples, got {n}")
+    if isinstance(split_size, bool) or not isinstance(split_size, (int, np.integer)) or split_size < 1:
+        raise ValueError(f"split_size must be an integer >= 1, got {split_size!r}")
+    if p.ndim != 2 or p.shape[1] < 1 or p.shape[0] < 1:
+        raise ValueError(f"probabilities must be (N, C) with N >= 1, got shape {p.shape}")
     if not np.isfinite(p).all():
         raise ValueError("probabilities contain NaN or inf")
     dev = np.abs(p.sum(axis=1) - 1).max()
@@ -102,8 +143,8 @@ def inception_score(probs, splits: int = 10) -> Tuple[float, float]:
         raise ValueError(f"probabilities (N, C) must be >= 0 with rows summing to 1 (min {p.min():.3g}, "
                          f"largest |row sum - 1| {dev:.3g}): pass softmax outputs, not logits")
     scores = []
-    for i in range(splits):
-        part = p[i * n // splits:(i + 1) * n // splits]
+    for i in range(0, p.shape[0], split_size):
+        part = p[i:i + split_size]
         marginal = part.mean(axis=0, keepdims=True)
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = np.where(part > 0, part * (np.log(part) - np.log(marginal)), 0.0)

@@ -39,12 +39,15 @@ def _fused(v: str):
 def _method_flags(g, d, t):
     """The "method" flags."""
     g.add_argument("--method", default="erw", help="erw (warmup + transfer + full training with decaying λ), "
-                   "repa (constant λ from scratch), vanilla (velocity loss only) or erw-nowarmup (control: ERW's "
-                   "decaying λ without the warmup). Default: erw")
+                   "repa (REPA's recipe: constant λ 0.5 from scratch, alignment at a third of the depth — block 4 of "
+                   "S/B, 8 of L/XL —, no RoPE), vanilla (SiT: velocity loss only, no RoPE) or erw-nowarmup (control: "
+                   "ERW's decaying λ and settings without the warmup). Each method takes its own per-size defaults "
+                   "(erw_fast/method/recipes.py); the flags below override them. Default: erw")
     g.add_argument("--l2r-depth", type=int, help=f"ERW warmup region: blocks 0..L-1 are warmed up and transferred "
                    f"(default per model: {t['l2r_depth']} for SiT-D/T, 4 for S/B/L/XL)")
     g.add_argument("--encoder-depth", type=int, help="block whose output is aligned in full training, "
-                   f">= --l2r-depth (default per model: {t['encoder_depth']} D, 3 T, 4 S/B, 8 L, 14 XL)")
+                   f">= --l2r-depth (default per model, ERW: {t['encoder_depth']} D, 3 T, 4 D8/S/B, 8 L, 14 XL; "
+                   "REPA: 1 D, 2 T, 3 D8, 4 S/B, 8 L/XL)")
     g.add_argument("--warmup-steps", type=int, help=f"ERW phase-1 steps (default {d['warmup_steps']} on digits; "
                    "ignored for repa/vanilla)")
     g.add_argument("--warmup-from", metavar="CKPT", help="ERW: skip the warmup and start full training from this "
@@ -64,7 +67,7 @@ def _method_flags(g, d, t):
                    help="λ(k) over phase-2 steps k: halflife λ0·2^(-k/h) (ERW default), exp λ0·exp(-k/τ), "
                    "constant (REPA default)")
     g.add_argument("--lambda0", type=float, help=f"alignment weight λ0 at the start of full training "
-                   f"(default per model: {t['lambda0']} D/T/S/B, 3 L, 6 XL)")
+                   f"(default per model, ERW: {t['lambda0']} D/T/D8/S/B, 3 L, 6 XL; REPA: 0.5)")
     g.add_argument("--half-life", type=float, help=f"λ half-life in phase-2 steps (default {d['half_life']} on "
                    "digits; 50000 in the ImageNet recipe)")
     g.add_argument("--tau", type=float, help="time constant of the exp schedule (default half-life / ln 2)")
@@ -80,8 +83,9 @@ def _method_flags(g, d, t):
 def _model_flags(g, d, t):
     """The "model" flags."""
     g.add_argument("--model", help=f"SiT size, e.g. SiT-T/2, SiT-S/2, SiT-B/2, SiT-XL/2 (default {d['model']} on digits)")
-    g.add_argument("--rope", action=argparse.BooleanOptionalAction, default=True,
-                   help="2-D rotary position embedding in attention, same in both phases (default on, as ERW)")
+    g.add_argument("--rope", action=argparse.BooleanOptionalAction, default=None,
+                   help="2-D rotary position embedding in attention, same in both phases (default: the method's "
+                   "recipe — on for erw and erw-nowarmup, as ERW; off for repa and vanilla, as REPA and SiT)")
     g.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=False,
                    help="LayerNorm on queries and keys, same in both phases (default off)")
     g.add_argument("--attn-backend", default="auto", choices=("auto", "flash", "xformers", "sdpa", "math"),

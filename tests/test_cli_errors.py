@@ -114,3 +114,35 @@ def test_sample_and_evaluate_in_process(tmp_path, capsys):
     np.savez(tmp_path / "labels.npz", arr_0=np.zeros((3, 8, 8, 1), np.uint8), labels=np.array([0, 4, 12]))
     code, err = _in_process(capsys, evaluate.main, ["--npz", str(tmp_path / "labels.npz")])
     assert code == 2 and "labels.npz: labels range 0..12" in _one_error_line(err)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--shard-size", "0"], "error: --shard-size must be an integer >= 1, got 0"),
+    (["--batch-size", "0"], "error: --batch-size must be an integer >= 1, got 0"),
+    (["--workers", "-1"], "error: --workers must be >= 0 (0: decode in the main process), got -1"),
+    (["--resolution", "30"], "error: --resolution 30: the SD-VAE downsamples by 8; use a multiple of 8 (256, 512)"),
+])
+def test_preprocess_refuses_bad_numbers_before_reading(tmp_path, capsys, extra, message):
+    """Issue 25: --shard-size 0 divided by zero after the VAE was loaded; every number is checked first."""
+    from erw_fast import preprocess
+
+    os.makedirs(tmp_path / "imgs" / "a")
+    code, err = _in_process(capsys, preprocess.main, ["--images", str(tmp_path / "imgs"), "--out",
+                                                      str(tmp_path / "out")] + extra)
+    assert code == 2 and _one_error_line(err) == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_preprocess_and_extract_features_check_out_first(tmp_path, capsys):
+    from erw_fast import extract_features, preprocess
+
+    (tmp_path / "f").write_text("x")
+    os.makedirs(tmp_path / "imgs" / "a")
+    code, err = _in_process(capsys, preprocess.main, ["--images", str(tmp_path / "imgs"), "--out",
+                                                      str(tmp_path / "f" / "out")])
+    assert code == 2 and _one_error_line(err) == f"error: --out {tmp_path / 'f' / 'out'}: {tmp_path / 'f'} is a file, not a folder"
+    for extra, message in ((["--model-patch", "0"], "--model-patch must be an integer >= 1, got 0"),
+                           (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+                           (["--token-grid", "0"], "--token-grid must be an integer >= 1, got 0")):
+        code, err = _in_process(capsys, extract_features.main, ["--data", str(tmp_path)] + extra)
+        assert code == 2 and _one_error_line(err) == "error: " + message

@@ -92,7 +92,7 @@ def test_vanilla_without_encoder_from_the_command_line(tmp_path, shapes, capsys)
     assert (out / "samples.png").is_file() and (out / "checkpoints" / "0000003.pt").is_file()
     cfg = json.load(open(out / "config.json"))
     assert cfg["data"] == shapes and cfg["class_names"] == list(CLASSES) and cfg["encoder"] == "none"
-    assert f"vanilla | SiT-D/4 on {shapes}" in capsys.readouterr().err
+    assert f"vanilla (SiT's recipe) | SiT-D/4 on {shapes}" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:dinov2-vit")
@@ -329,3 +329,61 @@ def test_class_names_of(shapes):
     with pytest.raises(ValueError, match=r"the classes are now .* but the run was started with"):
         class_names_of(data, ["circle", "square"])
     assert class_names_of(object()) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Nothing skipped silently (issue 25, class 6)
+# --------------------------------------------------------------------------------------------
+def _cluttered(root):
+    make_folder(root, classes=("a", "b"), per_class=3)
+    rng = np.random.default_rng(1)
+    frames = [_shape("circle", rng) for _ in range(3)]
+    frames[0].save(root / "a" / "anim.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(root / "b" / "moving.png", save_all=True, append_images=frames[1:])  # an animated PNG
+    (root / "a" / "readme.txt").write_text("x")
+    (root / "a" / ".DS_Store").write_bytes(b"x")
+    (root / "notes.txt").write_text("x")
+    _shape("square", rng).save(root / "loose.png")
+    other = root.parent / "elsewhere"
+    make_folder(other, classes=("c",), per_class=2)
+    os.symlink(other / "c", root / "a" / "linked")
+    os.symlink(root / "a" / "missing.png", root / "b" / "gone.jpeg.bak")
+    return root
+
+
+def test_every_entry_not_used_is_named_in_a_note(tmp_path, capsys):
+    root = _cluttered(tmp_path / "clutter")
+    data = ImageFolderData(str(root))
+    assert data.num_samples == 7 and data.class_names == ["a", "b"]  # 3 + 3 + the animated PNG
+    notes = "\n".join(data.notes)
+    assert "2 entries not used, beside the class folders (only sub-folders are classes): loose.png, notes.txt" in notes
+    assert "not of a type read here" in notes and "a/anim.gif" in notes and "a/readme.txt" in notes
+    assert "symlinks to something that does not exist: b/gone.jpeg.bak" in notes
+    assert "symlinked folders inside a class folder (not followed): a/linked/" in notes
+    assert "hidden (names starting with '.'): a/.DS_Store" in notes
+    assert "1 image(s) have several frames (animated); the first frame is used: b/moving.png" in notes
+    assert "note: " in capsys.readouterr().err
+
+
+def test_preprocess_listing_names_the_same_entries(tmp_path, capsys):
+    from erw_fast.data.prepare import list_image_folder
+
+    root = _cluttered(tmp_path / "clutter")
+    os.makedirs(root / "empty_class")
+    files, labels, classes = list_image_folder(str(root))
+    assert classes == ["a", "b", "empty_class"] and len(files) == 7
+    err = capsys.readouterr().err
+    assert f"note: --images {root}: 2 entries not used" in err and "a/anim.gif" in err
+    assert "1 class folder(s) hold no images (their labels get no samples): empty_class" in err
+
+
+def test_a_dangling_class_folder_is_refused(tmp_path):
+    root = tmp_path / "dangling"
+    make_folder(root, classes=("a", "c"), per_class=2)
+    os.symlink(tmp_path / "not_there", root / "b")
+    _refused(tmp_path, r"dangling/b is a symlink to .*not_there, which does not exist; a class folder that cannot "
+             r"be read would shift every label", data=f"imagefolder:{root}")
+    from erw_fast.data.prepare import list_image_folder
+
+    with pytest.raises(ValueError, match=r"--images .*dangling/b is a symlink"):
+        list_image_folder(str(root))

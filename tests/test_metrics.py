@@ -255,26 +255,29 @@ def test_precision_recall_errors():
 def test_inception_score_closed_forms():
     assert inception_score(np.full((100, 10), 0.1)) == pytest.approx((1.0, 0.0), abs=1e-12)  # uniform
     confident = np.eye(10)[np.arange(100) % 10]  # one-hot, every split balanced over 10 classes
-    assert inception_score(confident, splits=10) == pytest.approx((10.0, 0.0), abs=1e-12)
-    assert inception_score(confident, splits=1) == pytest.approx((10.0, 0.0), abs=1e-12)
-    assert inception_score(confident[:10], splits=10) == pytest.approx((1.0, 0.0), abs=1e-12)  # 1 sample a split
+    assert inception_score(confident, split_size=10) == pytest.approx((10.0, 0.0), abs=1e-12)
+    assert inception_score(confident) == pytest.approx((10.0, 0.0), abs=1e-12)  # one split (N < 5,000)
+    assert inception_score(confident[:10], split_size=1) == pytest.approx((1.0, 0.0), abs=1e-12)  # 1 sample a split
     # two splits: 2 classes balanced (IS 2), then 4 classes balanced (IS 4): mean 3, std 1
     two = np.zeros((40, 5))
     two[np.arange(20), np.arange(20) % 2] = 1
     two[20 + np.arange(20), np.arange(20) % 4] = 1
-    assert inception_score(two, splits=2) == pytest.approx((3.0, 1.0), abs=1e-12)
+    assert inception_score(two, split_size=20) == pytest.approx((3.0, 1.0), abs=1e-12)
+    # ADM's last split is the rest: 20 + 20 + 5 rows (the 5: one class -> IS 1)
+    three = np.concatenate([two, np.eye(5)[[0] * 5]])
+    assert inception_score(three, split_size=20)[0] == pytest.approx((2 + 4 + 1) / 3, abs=1e-12)
     # soft, balanced predictions: marginal uniform, IS = C exp(-H(p))
     c, eps = 8, 0.3
     soft = (1 - eps) * np.eye(c)[np.arange(64) % c] + eps / c
     row = soft[0]
-    assert inception_score(soft, splits=4)[0] == pytest.approx(c * np.exp((row * np.log(row)).sum()), rel=1e-12)
-    assert inception_score(torch.tensor(soft, dtype=torch.float32), splits=4)[0] == pytest.approx(
+    assert inception_score(soft, split_size=16)[0] == pytest.approx(c * np.exp((row * np.log(row)).sum()), rel=1e-12)
+    assert inception_score(torch.tensor(soft, dtype=torch.float32), split_size=16)[0] == pytest.approx(
         c * np.exp((row * np.log(row)).sum()), rel=1e-5)
 
 
 def test_inception_score_matches_adms_formula():
     """ADM's compute_inception_score (guided-diffusion evaluations/evaluator.py), re-typed: contiguous
-    split_size-row splits, float32 in, mean only; N = 10 x split_size gives the same splits as ours."""
+    split_size-row splits (the last one the rest), float32 in, mean only: ours are the same splits."""
     def adm(preds, split_size):
         scores = []
         for i in range(0, len(preds), split_size):
@@ -286,20 +289,23 @@ def test_inception_score_matches_adms_formula():
     logits = np.random.default_rng(12).standard_normal((1000, 50)).astype(np.float32) * 3
     p = np.exp(logits - logits.max(1, keepdims=True))
     p = (p / p.sum(1, keepdims=True)).astype(np.float32)
-    mean, std = inception_score(p, splits=10)
+    mean, std = inception_score(p, split_size=100)
     assert mean == pytest.approx(adm(p, 100), rel=1e-5) and std > 0
     assert mean == pytest.approx(adm(p.astype(np.float64), 100), rel=1e-12)
+    assert inception_score(p[:930], split_size=100)[0] == pytest.approx(adm(p[:930].astype(np.float64), 100), rel=1e-12)
+    big = np.repeat(p.astype(np.float64), 12, axis=0)[:11_000]  # 5,000 + 5,000 + 1,000: ADM's default splits
+    assert inception_score(big)[0] == pytest.approx(adm(big, 5000), rel=1e-12)
 
 
 def test_inception_score_errors():
     with pytest.raises(ValueError, match="not logits"):
-        inception_score(np.random.default_rng(0).standard_normal((20, 4)), splits=2)
-    with pytest.raises(ValueError, match="at least 10 samples, got 9"):
-        inception_score(np.full((9, 3), 1 / 3))
+        inception_score(np.random.default_rng(0).standard_normal((20, 4)), split_size=2)
+    with pytest.raises(ValueError, match=r"N >= 1"):
+        inception_score(np.full((0, 3), 1 / 3))
     with pytest.raises(ValueError, match=r"\(N, C\)"):
-        inception_score(np.full(20, 0.5), splits=2)
-    with pytest.raises(ValueError, match="splits"):
-        inception_score(np.full((20, 2), 0.5), splits=0)
+        inception_score(np.full(20, 0.5), split_size=2)
+    with pytest.raises(ValueError, match="split_size"):
+        inception_score(np.full((20, 2), 0.5), split_size=0)
 
 
 def test_digits_network_gives_softmax_probabilities():
@@ -439,16 +445,16 @@ def test_adm_reference_batch_errors(tmp_path):
     from erw_fast.evaluation.samples import evaluate_samples, load_reference
 
     cases = {
-        "mu_only": (dict(mu=np.zeros(3)), "has mu without sigma"),
+        "mu_only": (dict(mu=np.zeros(3)), r"mu_only.npz: sigma: missing \(mu without sigma\)"),
         "shapes": (dict(mu=np.zeros(3), sigma=np.eye(4)), r"mu \(3,\) and sigma \(4, 4\)"),
-        "float": (dict(arr_0=np.zeros((4, 8, 8, 1), np.float32)), "arr_0 must be uint8"),
-        "nothing": (dict(images=np.zeros(3)), "expected 'mu' and 'sigma'"),
+        "float": (dict(arr_0=np.zeros((4, 8, 8, 1), np.float32)), "arr_0: must be uint8"),
+        "nothing": (dict(images=np.zeros(3)), r"nothing.npz: mu, sigma: missing, and no images in arr_0"),
     }
     for name, (arrays, msg) in cases.items():
         np.savez(tmp_path / f"{name}.npz", **arrays)
         with pytest.raises(ValueError, match=msg):
             load_reference(str(tmp_path / f"{name}.npz"))
-    with pytest.raises(FileNotFoundError, match="reference file not found"):
+    with pytest.raises(FileNotFoundError, match=r"--ref .*missing.npz: file not found"):
         load_reference(str(tmp_path / "missing.npz"))
     np.savez(tmp_path / "inception_stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     with pytest.raises(ValueError, match=r"--ref .*inception_stats\.npz: reference mu is \(2048,\) but the digits"):

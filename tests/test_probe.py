@@ -233,6 +233,39 @@ def test_probe_cli_help_and_error_line():
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "Traceback" not in done.stderr
 
 
+def test_probe_writes_into_the_run_folder_and_help_names_imagefolder(warm_run, tmp_path, monkeypatch, capsys):
+    """Issue 25: probe.json went into the current folder by default; --help omitted imagefolder:DIR."""
+    from erw_fast.probe import build_parser, main
+
+    monkeypatch.chdir(tmp_path)
+    main(["--ckpt", warm_run, "--num-images", "12", "--noise-levels", "0", "--topk", "5"])
+    assert not (tmp_path / "probe.json").exists()
+    latest = sorted(os.listdir(os.path.join(warm_run, "checkpoints")))[-1][:-3]
+    saved = os.path.join(warm_run, f"probe-{latest}.json")
+    assert os.path.isfile(saved) and f"wrote {saved}" in capsys.readouterr().out
+    text = " ".join(build_parser().format_help().split())
+    assert "imagefolder:DIR" in text and "probe-<checkpoint name>.json in the run folder" in text
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"--out .*f/p.json: .*is a file, not a folder"):
+        main(["--ckpt", warm_run, "--out", str(tmp_path / "f" / "p.json")])
+
+
+@pytest.mark.parametrize("kw,what", [(dict(method="vanilla"), "--method vanilla"),
+                                     (dict(method="vanilla", encoder="none"), "--encoder none")])
+def test_probe_of_a_run_without_an_encoder_asks_for_one(tmp_path, kw, what):
+    from erw_fast.engine import TrainConfig, train
+    from erw_fast.probe import main
+
+    out = str(tmp_path / "vanilla")
+    train(TrainConfig(out=out, steps=1, batch_size=4, log_every=1, sample_steps=1, samples_per_class=1,
+                      progress=False, threads=1, **kw))
+    with pytest.raises(ValueError, match="trained without a target encoder .*" + what + ".*pass --encoder"):
+        main(["--ckpt", out, "--out", ""])
+    result = main(["--ckpt", out, "--out", "", "--encoder", "digits-cnn", "--num-images", "12", "--noise-levels", "0",
+                   "--topk", "5"])
+    assert result["encoder"] == "digits-cnn" and len(result["blocks"]) == 4
+
+
 def test_align_probe_every_logs_a_rising_cknna_during_the_warmup(tmp_path):
     """``--align-probe-every``: the alignment block's CKNNA is logged while training; the warmup raises it."""
     import json

@@ -322,6 +322,30 @@ def test_preprocess_resume_keeps_finished_shards(tmp_path, image_folder, tiny_va
         _run_preprocess(image_folder, out, tiny_vae_dir, shard_size=5)
 
 
+def test_preprocess_from_another_folder_with_the_same_counts_is_refused(tmp_path, image_folder, tiny_vae_dir,
+                                                                        latents_dir):
+    """Issue 25: a different image folder with the same counts rewrote index.json / files.txt and kept the
+    old arrays. The shards and index.json record the source's identity (paths + sizes) and check it."""
+    index = json.load(open(os.path.join(latents_dir, "index.json")))
+    assert len(index["source_id"]) == 16
+    out = tmp_path / "lat"
+    shutil.copytree(latents_dir, out)
+    other = tmp_path / "other"
+    rng = np.random.default_rng(5)
+    for name in CLASSES:  # same classes, same counts, other images (other names and sizes)
+        os.makedirs(other / name)
+        for i in range(N_PER_CLASS):
+            Image.fromarray(rng.integers(0, 256, (40 + i, 45, 3), dtype=np.uint8)).save(other / name / f"x{i}.png")
+    before = open(out / "files.txt").read()
+    with pytest.raises(PreprocessError, match=r"holds latents of another source .*use another --out"):
+        _run_preprocess(str(other), out, tiny_vae_dir)
+    assert open(out / "files.txt").read() == before  # nothing rewritten
+    # the same folder again: every shard is kept (the identity matches)
+    stamp = {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.startswith("shard-")}
+    _run_preprocess(image_folder, out, tiny_vae_dir)
+    assert stamp == {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.startswith("shard-")}
+
+
 def test_preprocess_ranks_write_their_own_shards(tmp_path, monkeypatch, image_folder, tiny_vae_dir, latents_dir):
     """torchrun-style: rank r encodes shards k ≡ r (mod world); rank 0 writes the index once all exist."""
     out = tmp_path / "ranks"

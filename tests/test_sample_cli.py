@@ -334,15 +334,17 @@ def test_evaluate_metrics_on_too_few_samples_are_null(tmp_path, capsys):
     np.savez(tmp_path / "three.npz", arr_0=np.full((3, 8, 8, 1), 128, np.uint8))
     evaluate(["--npz", str(tmp_path / "three.npz"), "--json-out", str(tmp_path / "r.json")])
     text = (tmp_path / "r.json").read_text()
-    assert '"inception_score": null' in text and '"precision": null' in text
+    assert '"precision": null' in text
     res = json.loads(text)
-    assert res["inception_score"] is None and res["recall"] is None and res["fid"] >= 0
-    assert "at least 10 samples" in res["warning"] and "need more than 3" in res["warning"]
+    # IS as ADM computes it (one split of 3), flagged as biased low; precision/recall cannot be computed
+    assert res["inception_score"] == pytest.approx(1.0) and res["recall"] is None and res["fid"] >= 0
+    assert "a split of 3 samples for 10 classes, IS is biased low" in res["warning"]
+    assert "need more than 3" in res["warning"]
     np.savez(tmp_path / "bad_ref.npz", mu=np.zeros(5))
     capsys.readouterr()
     assert run_cli(evaluate, ["--npz", str(tmp_path / "three.npz"), "--ref", str(tmp_path / "bad_ref.npz")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: --ref {tmp_path / 'bad_ref.npz'}: has mu without sigma; FID needs both"]
+        f"error: --ref {tmp_path / 'bad_ref.npz'}: sigma: missing (mu without sigma); FID needs both"]
 
 
 class _TinyInception(torch.nn.Module):

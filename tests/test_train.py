@@ -70,7 +70,7 @@ def test_short_run_each_method(tmp_path, method):
     from erw_fast import load_checkpoint
 
     model = load_checkpoint(res.checkpoint)
-    assert model.use_rope and model.depth == 4
+    assert model.use_rope == (method == "erw") and model.depth == 4  # REPA's and SiT's recipes: no RoPE
 
 
 def test_resume_is_exact(tmp_path):

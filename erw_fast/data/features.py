@@ -237,9 +237,13 @@ def extract_features(data: str, encoder: str = "dinov2-vit-b", encoder_path: Opt
 
     With ``torchrun`` every rank extracts shards ``k ≡ rank (mod world)`` and rank 0 writes
     ``index.json`` when all are done."""
+    from ..utils.cli import check_positive, check_writable
     from ..utils.progress import progress as progress_bar
 
+    check_positive(batch_size=batch_size, model_patch=model_patch, token_grid=token_grid)
     store = open_latents(data)
+    out = out or features_dir(data, encoder)
+    check_writable(out, "--out", folder=True)  # before the encoder is built and any image is read
     d = setup_distributed("auto", process_group=False)
     rank, world, dev = d.rank, d.world, (torch.device(device) if device is not None else d.device)
     latent_side = int(store.moments_shape[-1])
@@ -248,7 +252,6 @@ def extract_features(data: str, encoder: str = "dinov2-vit-b", encoder_path: Opt
             raise ValueError(f"latent side {latent_side} is not divisible by --model-patch {model_patch}")
         token_grid = latent_side // model_patch
     enc = _build_target_encoder(encoder, encoder_path, encoder_source, token_grid, precision, dev, enc)
-    out = out or features_dir(data, encoder)
     os.makedirs(out, exist_ok=True)
     meta = dict(encoder=encoder, token_grid=int(token_grid), dim=int(enc.dim))
     counts = feature_shard_counts(store)

@@ -8,7 +8,11 @@ dataset: no ``index.json``, ``shard-*`` files or ``vae-sd/``) reads::
 - Labels: the sorted sub-folder names (plain string order), label = position; ``class_names``
   holds them and the engine records them in ``config.json`` and every checkpoint's ``args``.
   Files are sorted by path within a class; the dataset index is the position in that order, the
-  same on every machine. Names starting with ``.`` (``.DS_Store``, macOS ``._x.jpg``) are ignored.
+  same on every machine. Nothing is skipped silently: names starting with ``.`` (``.DS_Store``,
+  macOS ``._x.jpg``), files of other types (a GIF beside PNGs, a README), entries beside the class
+  folders and symlinked folders inside a class folder are not used, and a note names them; a
+  symlinked class folder whose target is missing is refused (it would shift the labels); an
+  animated image contributes its first frame, with a note.
 - Each image: decoded with Pillow, EXIF orientation applied, 16-bit grey scaled to 8 bits, then
   ADM's centre crop to ``resolution``² (BOX halving while the short side is >= 2x the target, one
   BICUBIC resize of the short side to the target, the centre square). Images smaller than the
@@ -93,34 +97,88 @@ def _flag(root: str) -> str:
 # --------------------------------------------------------------------------------------------
 # Listing
 # --------------------------------------------------------------------------------------------
-def _images_under(base: str, root: str) -> List[str]:
+def _listed(paths: Sequence[str]) -> str:
+    more = f" and {len(paths) - MAX_LISTED} more" if len(paths) > MAX_LISTED else ""
+    return ", ".join(paths[:MAX_LISTED]) + more
+
+
+def _images_under(base: str, root: str, unused: dict) -> List[str]:
+    """Image files under class folder ``base`` (relative to ``root``); every other entry is recorded
+    in ``unused`` by reason (hidden, other file types, symlinked folders that are not followed)."""
     found = []
+    rel = lambda *p: os.path.relpath(os.path.join(*p), root).replace(os.sep, "/")  # noqa: E731
     for dirpath, dirnames, files in os.walk(base):
+        for d in sorted(dirnames):
+            if d.startswith("."):
+                unused["hidden"].append(rel(dirpath, d) + "/")
+            elif os.path.islink(os.path.join(dirpath, d)):
+                unused["linked folder"].append(rel(dirpath, d) + "/")
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in files:
-            if not fn.startswith(".") and fn.lower().endswith(IMAGE_EXTS):
-                found.append(os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/"))
+            if fn.startswith("."):
+                unused["hidden"].append(rel(dirpath, fn))
+            elif fn.lower().endswith(IMAGE_EXTS):
+                found.append(rel(dirpath, fn))
+            elif os.path.islink(os.path.join(dirpath, fn)) and not os.path.exists(os.path.join(dirpath, fn)):
+                unused["dangling"].append(rel(dirpath, fn))
+            else:
+                unused["type"].append(rel(dirpath, fn))
     return sorted(found)
 
 
-def list_classes(root: str) -> Tuple[List[str], List[int], List[str]]:
-    """(relative file paths, labels, class names) of ``root``, in the dataset's order; every
-    layout problem is an ``ImageFolderError``."""
+_UNUSED_WHY = {
+    "top": "beside the class folders (only sub-folders are classes)",
+    "dangling": "symlinks to something that does not exist",
+    "type": f"not of a type read here ({', '.join(IMAGE_EXTS)}; e.g. GIF is not)",
+    "linked folder": "symlinked folders inside a class folder (not followed)",
+    "hidden": "hidden (names starting with '.')",
+}
+
+
+def scan_class_folders(root: str, flag: str):
+    """(relative image paths, labels, class names, notes) of ``root``'s class sub-folders in the
+    dataset's order; every entry that is not used is named in a note (by reason). The one listing of
+    an image folder: training (``--data imagefolder:DIR``) and ``preprocess --images`` both read it."""
     if not os.path.isdir(root):
-        raise ImageFolderError(f"{_flag(root)}: {root!r} is not a folder")
-    entries = [n for n in os.listdir(root) if not n.startswith(".")]
-    if not entries:
+        raise ImageFolderError(f"{flag}: {root!r} is not a folder")
+    unused = {k: [] for k in _UNUSED_WHY}
+    classes = []
+    for n in sorted(os.listdir(root)):
+        path = os.path.join(root, n)
+        if n.startswith("."):
+            unused["hidden"].append(n)
+        elif os.path.isdir(path):
+            classes.append(n)
+        elif os.path.islink(path) and not os.path.exists(path):
+            raise ImageFolderError(f"{flag}: {path} is a symlink to {os.readlink(path)}, which does not exist; a "
+                                   "class folder that cannot be read would shift every label after it: fix or "
+                                   "remove the link")
+        else:
+            unused["top"].append(n)
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        found = _images_under(os.path.join(root, name), root, unused)
+        files += found
+        labels += [c] * len(found)
+    notes = [f"{len(v)} entr{'y' if len(v) == 1 else 'ies'} not used, {_UNUSED_WHY[k]}: {_listed(v)}"
+             for k, v in unused.items() if v]
+    return files, labels, classes, notes, unused
+
+
+def list_classes(root: str) -> Tuple[List[str], List[int], List[str], List[str]]:
+    """(relative file paths, labels, class names, notes on the entries not used) of ``root``, in the
+    dataset's order; every layout problem is an ``ImageFolderError``."""
+    files, labels, classes, notes, unused = scan_class_folders(root, _flag(root))
+    if not classes and not unused["top"]:
         raise ImageFolderError(f"{_flag(root)}: the folder is empty; put each class's images in its own "
                                f"sub-folder, {root}/<class>/<image>.png (labels: the sorted sub-folder names)")
-    classes = sorted(n for n in entries if os.path.isdir(os.path.join(root, n)))
     if not classes:
-        loose = sum(n.lower().endswith(IMAGE_EXTS) for n in entries)
+        loose = sum(n.lower().endswith(IMAGE_EXTS) for n in unused["top"])
         what = f"it holds {loose} image(s) directly" if loose else "and no images"
         raise ImageFolderError(f"{_flag(root)}: no class sub-folders ({what}); put each class's images in its "
                                f"own sub-folder, {root}/<class>/<image>.png (one sub-folder is one class)")
-    files, labels = [], []
     for c, name in enumerate(classes):
-        found = _images_under(os.path.join(root, name), root)
+        found = [f for f, lab in zip(files, labels) if lab == c]
         if not found:
             raise ImageFolderError(f"{_flag(root)}: class folder {os.path.join(root, name)} holds no images "
                                    f"({', '.join(IMAGE_EXTS)}); add images or remove the folder")
@@ -129,9 +187,7 @@ def list_classes(root: str) -> Tuple[List[str], List[int], List[str]]:
                 f"{_flag(root)}: class {name!r} has only {len(found)} image ({os.path.join(root, found[0])}); "
                 f"each class needs at least {MIN_IMAGES_PER_CLASS} (a single image is memorised, not learned, "
                 "and its samples cannot be judged); add images or remove the folder")
-        files += found
-        labels += [c] * len(found)
-    return files, labels, classes
+    return files, labels, classes, notes
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,15 +228,17 @@ def center_crop(im, resolution: int):
 
 
 def read_image(path: str, resolution: int):
-    """(uint8 (R, R) or (R, R, 3), grey file?, original (w, h)) of one file; raises what Pillow raises."""
+    """(uint8 (R, R) or (R, R, 3), grey file?, original (w, h), frames) of one file; raises what Pillow
+    raises. A multi-frame file (animated PNG/WebP, multi-page TIFF) gives its first frame."""
     Image, ImageOps = _pil()
     with Image.open(path) as im:
+        frames = int(getattr(im, "n_frames", 1) or 1)
         im.load()  # decode now: a truncated file fails here, not later
         grey = im.mode in GREY_MODES
         size = im.size
         im = ImageOps.exif_transpose(im)
         out = np.asarray(center_crop(_to_8bit(im), resolution), dtype=np.uint8)
-    return out, grey, size
+    return out, grey, size, frames
 
 
 def _read_all(root: str, files: Sequence[str], resolution: int, workers: int):
@@ -206,10 +264,10 @@ def _read_all(root: str, files: Sequence[str], resolution: int, workers: int):
 def _unify_channels(results):
     """(uint8 (N, C, R, R), C, notes): the majority's channel count for every image."""
     Image, _ = _pil()
-    n_grey = sum(grey for _, grey, _ in results)
+    n_grey = sum(r[1] for r in results)
     channels = 1 if n_grey * 2 > len(results) else 3
     arrays = []
-    for arr, _, _ in results:
+    for arr, *_ in results:
         if channels == 1 and arr.ndim == 3:
             arr = np.asarray(Image.fromarray(arr, "RGB").convert("L"))
         elif channels == 3 and arr.ndim == 2:
@@ -229,10 +287,15 @@ def load_image_folder(root: str, resolution: int = DEFAULT_RESOLUTION, workers: 
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < MIN_RESOLUTION:
         raise ImageFolderError(f"--resolution {resolution}: use a whole number of pixels >= {MIN_RESOLUTION} "
                                f"(image-folder data)")
-    files, labels, classes = list_classes(root)
+    files, labels, classes, unused_notes = list_classes(root)
     results = _read_all(root, files, resolution, workers or min(8, os.cpu_count() or 1))
     images, channels, notes = _unify_channels(results)
-    small = [(f, s) for f, (_, _, s) in zip(files, results) if min(s) < resolution]
+    notes = unused_notes + notes
+    animated = [f for f, (_, _, _, frames) in zip(files, results) if frames > 1]
+    if animated:
+        notes.append(f"{len(animated)} image(s) have several frames (animated); the first frame is used: "
+                     f"{_listed(animated)}")
+    small = [(f, s) for f, (_, _, s, _) in zip(files, results) if min(s) < resolution]
     if small:
         f, (w, h) = min(small, key=lambda fs: min(fs[1]))
         notes.append(f"{len(small)} image(s) smaller than --resolution {resolution} were upscaled (bicubic), the "

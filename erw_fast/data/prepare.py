@@ -21,9 +21,10 @@ from typing import Callable, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..utils.cli import check_positive, check_writable
 from ..utils.distributed import setup_distributed
 from .shards import (IMAGE_EXTS, PreprocessError, RepaLayout, latent_shard_done, latent_shard_writer,
-                     shard_sizes, wait_for, write_index)
+                     shard_sizes, source_identity, wait_for, write_index)
 from .vae import DATA_EXTRA, DEFAULT_VAE, SD_VAE_SCALE, encode_moments, load_vae
 
 VAE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -67,27 +68,26 @@ def adm_center_crop(image, resolution: int, allow_upscale: bool = False, name: s
     return np.array(arr[top:top + resolution, left:left + resolution], dtype=np.uint8, order="C")
 
 
-def list_image_folder(images: str) -> Tuple[List[str], List[int], List[str]]:
-    """(relative file paths, labels, class names) of an ImageNet-layout folder, sorted."""
+def list_image_folder(images: str, verbose: bool = True) -> Tuple[List[str], List[int], List[str]]:
+    """(relative file paths, labels, class names) of an ImageNet-layout folder, sorted (the listing of
+    ``imagefolder.scan_class_folders``: every entry not used is named in a note on stderr)."""
+    from .imagefolder import scan_class_folders
+
     if not os.path.isdir(images):
         raise PreprocessError(f"--images {images!r} is not a folder")
-    classes = sorted(d for d in os.listdir(images) if os.path.isdir(os.path.join(images, d)))
+    files, labels, classes, notes, _ = scan_class_folders(images, f"--images {images}")
     if not classes:
         raise PreprocessError(f"--images {images!r} has no class sub-folders; expected one sub-folder per class "
                               "(ImageNet layout: DIR/<class>/<image>.JPEG)")
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        base = os.path.join(images, name)
-        found = []
-        for dirpath, _d, fns in os.walk(base):
-            for fn in fns:
-                if fn.lower().endswith(IMAGE_EXTS):
-                    found.append(os.path.relpath(os.path.join(dirpath, fn), images).replace(os.sep, "/"))
-        found.sort()
-        files += found
-        labels += [c] * len(found)
     if not files:
         raise PreprocessError(f"no images ({', '.join(IMAGE_EXTS)}) under {images!r}")
+    empty = [c for i, c in enumerate(classes) if i not in set(labels)]
+    if empty:
+        notes.append(f"{len(empty)} class folder(s) hold no images (their labels get no samples): "
+                     f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
+    if verbose and int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"note: --images {images}: {note}", file=sys.stderr)
     return files, labels, classes
 
 
@@ -133,7 +133,8 @@ def _repa_source(from_repa: str, shard_size: int, batch_size: int) -> _Source:
     moments_shape, image_shape = tuple(src.moments_shape), tuple(src.image_shape)
     settings = dict(resolution=int(image_shape[-1]), vae="repa:" + os.path.abspath(from_repa), shard_size=shard_size,
                     num_classes=int(src.num_classes), moments_shape=list(moments_shape),
-                    image_shape=list(image_shape), scale=SD_VAE_SCALE)
+                    image_shape=list(image_shape), scale=SD_VAE_SCALE,
+                    source_id=source_identity(src.features_dir, src.feature_files))
     labels = src.labels
 
     def fill(writer, k, lo, n, bar):
@@ -155,7 +156,8 @@ def _image_source(images: str, resolution: int, vae: str, vae_dtype: str, batch_
         probe = encode_moments(model, torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8))
     moments_shape, image_shape = tuple(probe.shape[1:]), (3, resolution, resolution)
     settings = dict(resolution=resolution, vae=vae, shard_size=shard_size, num_classes=len(classes),
-                    moments_shape=list(moments_shape), image_shape=list(image_shape), scale=SD_VAE_SCALE)
+                    moments_shape=list(moments_shape), image_shape=list(image_shape), scale=SD_VAE_SCALE,
+                    source_id=source_identity(images, files))
 
     def fill(writer, k, lo, n, bar):
         ds = _CropDataset(images, files[lo:lo + n], resolution, allow_upscale)
@@ -210,6 +212,12 @@ def preprocess(images: Optional[str] = None, out: str = "", resolution: int = 25
         raise PreprocessError("give exactly one of --images DIR (class sub-folders) or --from-repa DIR")
     if small_images not in ("error", "upscale"):
         raise PreprocessError(f"--small-images {small_images!r}: use 'error' or 'upscale'")
+    check_positive(batch_size=batch_size, shard_size=shard_size, resolution=resolution)
+    if workers < 0:
+        raise PreprocessError(f"--workers must be >= 0 (0: decode in the main process), got {workers}")
+    if images is not None and resolution % 8:
+        raise PreprocessError(f"--resolution {resolution}: the SD-VAE downsamples by 8; use a multiple of 8 (256, 512)")
+    check_writable(out, "--out", folder=True)  # before the VAE is loaded and any image is read
     d = setup_distributed("auto", process_group=False)
     rank, world, dev = d.rank, d.world, (torch.device(device) if device is not None else d.device)
     if from_repa is not None:  # the sources check their inputs: nothing is written before that

@@ -25,6 +25,7 @@ interrupted shard has no marker and is redone. The feature store writes its shar
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -210,8 +211,26 @@ def latent_shard_writer(out: str, k: int, n: int, moments_shape, image_shape) ->
                                             "images": (np.uint8, (n,) + tuple(image_shape))})
 
 
+def source_identity(root: str, files: Sequence[str]) -> str:
+    """The identity of a dataset's source: SHA-256 (16 hex digits) of its files' relative paths (in
+    dataset order) and byte sizes. Recorded in every shard marker and ``index.json``, so that a rerun
+    into the same ``--out`` from another folder (even one with the same counts) is refused instead of
+    keeping the old arrays. Cheap (one ``stat`` per file); an edit that keeps a file's name and size
+    is not seen."""
+    h = hashlib.sha256()
+    for rel in files:
+        h.update(f"{rel}\0{os.path.getsize(os.path.join(root, rel))}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _latent_mismatch(out: str, k: int):
     def error(key, have, want):
+        if key == "source_id":
+            old = "" if have else "; or written before sources were recorded"
+            return PreprocessError(
+                f"{out} holds latents of another source ({shard_stem(out, k)}.json records source {have!r}, "
+                f"these inputs are {want!r}: other files or sizes{old}); use another --out, or delete that folder "
+                "to rebuild it")
         return PreprocessError(
             f"{shard_stem(out, k)}.json was written with {key}={have!r}, this run has {key}={want!r}: {out} holds "
             "shards made with other settings; use another --out (or delete that folder)")

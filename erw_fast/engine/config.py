@@ -1,7 +1,7 @@
 """The training configuration (one dataclass) and the per-model / per-dataset defaults.
 
 Fields left at ``None`` are filled by ``resolve_config`` from the method's per-size defaults
-(``erw_fast.method.recipes.MODEL_DEFAULTS``: warmup region, alignment block, λ0) and ``DATA_DEFAULTS`` (run length, batch, lr, EMA, half-life,
+(``erw_fast.method.recipes.RECIPES``: ERW's, REPA's or SiT's warmup region, alignment block, λ0, RoPE) and ``DATA_DEFAULTS`` (run length, batch, lr, EMA, half-life,
 sampling, per dataset). The digits defaults are chosen for a run of a few minutes on 2 CPU cores,
 not copied from the 400K-step ImageNet recipe.
 """
@@ -82,7 +82,7 @@ class TrainConfig:
     align_loss: str = "cosine"
     temperature: float = 0.1
     # model
-    rope: bool = True
+    rope: Optional[bool] = None             # None: the method's recipe (ERW: on; REPA, vanilla SiT: off)
     qk_norm: bool = False
     attn_backend: str = "auto"
     fused: Optional[Union[bool, str]] = None
@@ -215,7 +215,7 @@ def resolve_config(cfg: TrainConfig) -> TrainConfig:
     from ..models.sit import SIZES
 
     depth = SIZES[size]["depth"]
-    for k, v in model_defaults(size, depth).items():
+    for k, v in model_defaults(size, depth, c.method).items():
         if getattr(c, k) is None:
             setattr(c, k, v)
     _check_resolution(c)
@@ -364,6 +364,9 @@ def _check_eval(c: TrainConfig):
             if not path or not os.path.isfile(path):
                 raise ValueError(f"--eval-every on latent data needs {flag} FILE (a local file; got {path!r}): FID "
                                  "uses a TorchScript Inception and reference statistics (ADM's npz)")
+        from ..evaluation.samples import load_reference
+
+        load_reference(c.eval_ref, "--eval-ref", images=False)  # a damaged or false reference: refused now
 
 
 def _check_sampling(c: TrainConfig):

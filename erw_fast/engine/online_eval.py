@@ -56,7 +56,7 @@ def _score(run, arr, labels) -> dict:
         digits = class_digits(cfg.class_names)
         ref = digits_reference_stats(digits=digits)
     else:
-        ref = reference_stats(net, cfg.eval_ref)
+        ref = reference_stats(net, cfg.eval_ref, flag="--eval-ref")
     out = {"fid": frechet_distance(*feature_stats(compute_features(arr, net)), *ref)}
     if name == "digits":
         out["sample_accuracy"] = classifier_accuracy(arr, np.asarray(digits)[np.asarray(labels)], net)

@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..method.recipes import PHASE_TRAIN, PHASE_WARMUP, MethodSpec, get_method
+from ..method.recipes import PHASE_TRAIN, PHASE_WARMUP, MethodSpec, describe_recipe, get_method
 from ..method.transfer import TransferPlan, apply_transfer, plan_transfer, transfer_warmup
 from ..models.checkpoint import list_checkpoints
 from ..models.sit import SiT
@@ -190,7 +190,7 @@ def _banner(run: Run) -> str:
     warm = f"warmup {cfg.warmup_steps} (L={cfg.l2r_depth}) + " if method.warmup else ""
     if cfg.warmup_from:
         warm = f"warmup reused from {cfg.warmup_from} ({cfg.warmup_steps} steps, L={cfg.l2r_depth}) + "
-    return (f"erw_fast.train: {cfg.method} | {cfg.model} on {cfg.data} | encoder "
+    return (f"erw_fast.train: {cfg.method} ({describe_recipe(cfg.method)} recipe) | {cfg.model} on {cfg.data} | encoder "
             f"{cfg.encoder if method.needs_encoder else '-'} | {warm}{cfg.steps} steps | batch {cfg.batch_size} "
             f"x {run.dist.world} proc | lr {cfg.lr:g} | λ {sched} @ block {cfg.encoder_depth - 1} | EMA {cfg.ema_decay} "
             f"| rope {cfg.rope} qk-norm {cfg.qk_norm} | {run.dist.device.type} {_precision_label(cfg, amp, run.dist.device)}"

@@ -107,6 +107,10 @@ def _noise_levels(levels: Sequence[float]) -> List[float]:
 
 
 def _encoder_choice(data: str, encoder: Optional[str], encoder_path: Optional[str], args: dict):
+    if encoder is None and _trained_without_encoder(args):
+        none = ", --encoder none" if str(args.get("encoder")).strip().lower() == "none" else ""
+        raise ValueError(f"--ckpt: the run was trained without a target encoder (--method {args.get('method')}{none}); "
+                         "pass --encoder NAME (e.g. digits-cnn, dinov2-vit-b) to compare its blocks with one")
     if encoder is None:  # the run's own target encoder, else the data's default
         encoder = str(args.get("encoder") or (DEFAULT_DIGITS_ENCODER if data == "digits" else "dinov2-vit-b")).split(",")[0]
         if encoder_path is None and args.get("encoder_path") and args.get("encoder") == encoder:
@@ -114,6 +118,14 @@ def _encoder_choice(data: str, encoder: Optional[str], encoder_path: Optional[st
     if "," in encoder:
         raise ValueError(f"--encoder {encoder!r}: the probe compares with one target encoder at a time")
     return encoder.strip(), encoder_path
+
+
+def _trained_without_encoder(args: dict) -> bool:
+    """Whether the checkpoint's args say its run used no target encoder (vanilla SiT, --encoder none)."""
+    from ..method.recipes import METHODS
+
+    method, enc = METHODS.get(str(args.get("method"))), args.get("encoder")
+    return (method is not None and not method.needs_encoder) or (isinstance(enc, str) and enc.strip().lower() == "none")
 
 
 def _check_request(model: SiT, data, num_images: int, topk: int, available: int):
@@ -147,11 +159,11 @@ def probe_checkpoint(ckpt, data: str = "digits", encoder: Optional[str] = None, 
     levels = _noise_levels(noise_levels)
     device = torch.device(device)
     model, info = load_probe_model(ckpt, weights)
+    enc_name, enc_path = _encoder_choice(data, encoder, encoder_path, info["args"])
     model = model.to(device)
     train_data = load_train_data(data, device, resolution=model.input_size)  # (image folders: the model's side)
     idx, held_out, available = held_out_indices(data, train_data, num_images)
     _check_request(model, train_data, num_images, topk, available)
-    enc_name, enc_path = _encoder_choice(data, encoder, encoder_path, info["args"])
     enc = build_encoder(enc_name, device=device, input_size=train_data.input_size,
                         token_grid=train_data.input_size // model.patch_size, patch_size=model.patch_size,
                         **({"path": enc_path} if enc_path else {}))

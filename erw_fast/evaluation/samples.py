@@ -15,19 +15,24 @@ resized), and labels outside the digit classes 0..9 (they would count as misread
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..metrics import (classifier_accuracy, compute_features, compute_features_and_probs, digits_reference_features,
+from ..metrics import (IS_SPLIT_SIZE, check_covariance, classifier_accuracy, compute_features,
+                       compute_features_and_probs, digits_reference_features,
                        digits_reference_stats, feature_stats, frechet_distance, get_feature_network, inception_score,
                        precision_recall)
 from ..sampling import SAMPLERS
+from ..utils.cli import check_writable
 from ..sampling.generate import (check_request, checkpoint_path, generate, load_model, parse_classes,
                                   parse_interval)
 
-__all__ = ["load_npz_samples", "load_reference", "reference", "reference_stats", "check_digits_input",
+__all__ = ["scoring_setup", "read_npz", "check_labels", "load_npz_samples", "load_reference", "reference",
+           "reference_stats", "check_digits_input",
            "evaluate_samples", "sample_for_evaluation", "evaluate"]
 
 DIGITS_SIZES = (8, 16)  # the embedded digits' own size .. the classifier's input (and the reference's) size
@@ -57,45 +62,91 @@ def check_digits_input(arr, labels=None, source: str = "samples"):
                          "labels key to get FID alone")
 
 
-def load_npz_samples(path: str):
-    """``arr_0`` uint8 (N, H, W, C) and ``labels`` (or None) from a sample file."""
+def read_npz(path: str, flag: str, keys) -> dict:
+    """The arrays ``keys`` that ``path`` holds (the others are not read), from a real ``.npz`` of
+    arrays: the one place evaluation files are opened. Never unpickles (``allow_pickle=False``); a
+    missing, truncated or damaged file, a pickle or a single ``.npy`` named ``.npz``, or a member that
+    holds objects, is one ``ValueError`` naming ``flag FILE`` (and the key). Also returns every key."""
+    where = f"{flag} {path}"
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"sample file not found: {path}")
-    with np.load(path, allow_pickle=False) as f:
-        if "arr_0" not in f:
-            raise ValueError(f"{path} has no 'arr_0' array (keys: {list(f.keys())})")
-        arr = f["arr_0"]
-        labels = f["labels"] if "labels" in f else None
-    if arr.dtype != np.uint8 or arr.ndim != 4:
-        raise ValueError(f"{path}: arr_0 must be uint8 (N, H, W, C), got {arr.dtype} {arr.shape}")
-    if labels is not None and len(labels) != len(arr):
-        raise ValueError(f"{path}: {len(labels)} labels for {len(arr)} images")
+        raise FileNotFoundError(f"{where}: file not found")
+    try:
+        f = np.load(path, allow_pickle=False)
+    except ValueError as e:  # numpy's message for pickled data (or anything unknown) suggests allow_pickle
+        why = "it holds pickled data, which is never loaded" if "pickle" in str(e) else str(e)
+        raise ValueError(f"{where}: not a .npz archive of arrays ({why}); write it with numpy.savez") from None
+    except (EOFError, OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{where}: not a readable .npz archive (truncated or damaged: {e})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{where}: a single .npy array, not a .npz archive of named arrays; write it with "
+                         "numpy.savez(FILE, arr_0=..., ...)")
+    out = {}
+    with f:
+        names = set(f.files)
+        for k in keys:
+            if k not in names:
+                continue
+            try:
+                out[k] = f[k]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                why = "holds objects (pickled data, never loaded)" if "pickle" in str(e) else f"truncated or damaged: {e}"
+                raise ValueError(f"{where}: {k}: cannot be read ({why})") from None
+    return out, names
+
+
+def check_labels(labels, n: int, where: str) -> np.ndarray:
+    """Labels of ``n`` samples: integers of shape (n,)."""
+    lab = np.asarray(labels)
+    if lab.shape != (n,):
+        raise ValueError(f"{where}: labels: shape {lab.shape}, expected ({n},) (one class per image)")
+    if not np.issubdtype(lab.dtype, np.integer):
+        raise ValueError(f"{where}: labels: {lab.dtype}, expected integer classes")
+    return lab
+
+
+def _check_images(arr, where: str, key: str = "arr_0") -> np.ndarray:
+    if arr.dtype != np.uint8 or arr.ndim != 4 or len(arr) == 0:
+        raise ValueError(f"{where}: {key}: must be uint8 (N, H, W, C) with N >= 1, got {arr.dtype} {arr.shape}")
+    return arr
+
+
+def load_npz_samples(path: str, flag: str = "--npz"):
+    """``arr_0`` uint8 (N, H, W, C) and ``labels`` (N,) integers (or None) from a sample file."""
+    where = f"{flag} {path}"
+    a, names = read_npz(path, flag, ("arr_0", "labels"))
+    if "arr_0" not in a:
+        raise ValueError(f"{where}: arr_0: missing (keys: {sorted(names)}); a sample file holds uint8 images in arr_0")
+    arr = _check_images(a["arr_0"], where)
+    labels = check_labels(a["labels"], len(arr), where) if "labels" in a else None
     return arr, labels
 
 
-def load_reference(path: str) -> dict:
+def load_reference(path: str, flag: str = "--ref", images: bool = True) -> dict:
     """A reference batch: ``{"images": uint8 (N, H, W, C) or None, "mu": (D,) or None, "sigma": (D, D)
-    or None}``. Reads ADM's reference batches (``VIRTUAL_imagenet256_labeled.npz``: ``arr_0`` images
-    and ``mu``/``sigma`` pool3 statistics) and our own files; other keys (ADM's spatial ``mu_s``/
-    ``sigma_s``, ``spatial_mu``/``spatial_sigma``, labels) are ignored."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"reference file not found: {path}")
-    with np.load(path, allow_pickle=False) as f:
-        keys = set(f.keys())
-        if ("mu" in keys) != ("sigma" in keys):
-            raise ValueError(f"--ref {path}: has {'mu' if 'mu' in keys else 'sigma'} without "
-                             f"{'sigma' if 'mu' in keys else 'mu'}; FID needs both")
-        if "arr_0" not in keys and "mu" not in keys:
-            raise ValueError(f"--ref {path}: expected 'mu' and 'sigma' or images in 'arr_0' (keys: {sorted(keys)})")
-        images = f["arr_0"] if "arr_0" in keys else None
-        mu = np.asarray(f["mu"], np.float64) if "mu" in keys else None
-        sigma = np.asarray(f["sigma"], np.float64) if "sigma" in keys else None
-    if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0):
-        raise ValueError(f"--ref {path}: arr_0 must be uint8 (N, H, W, C) with N >= 1, got {images.dtype} "
-                         f"{images.shape}")
-    if mu is not None and (mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2):
-        raise ValueError(f"--ref {path}: mu {mu.shape} and sigma {sigma.shape}, expected (D,) and (D, D)")
-    return {"images": images, "mu": mu, "sigma": sigma}
+    or None}``, every part checked (finite ``mu``; ``sigma`` symmetric PSD, ``metrics.check_covariance``).
+    Reads ADM's reference batches (``VIRTUAL_imagenet256_labeled.npz``: ``arr_0`` images and ``mu``/
+    ``sigma`` pool3 statistics) and our own files; other keys (ADM's spatial ``mu_s``/``sigma_s``,
+    labels) are not read. ``images=False``: ``arr_0`` is not read either (FID statistics only)."""
+    where = f"{flag} {path}"
+    a, keys = read_npz(path, flag, ("mu", "sigma") + (("arr_0",) if images else ()))
+    if ("mu" in keys) != ("sigma" in keys):
+        have, lack = ("mu", "sigma") if "mu" in keys else ("sigma", "mu")
+        raise ValueError(f"{where}: {lack}: missing ({have} without {lack}); FID needs both")
+    if "arr_0" not in keys and "mu" not in keys:
+        raise ValueError(f"{where}: mu, sigma: missing, and no images in arr_0 (keys: {sorted(keys)})")
+    mu = sigma = None
+    if "mu" in a:
+        mu, sigma = a["mu"], a["sigma"]
+        if not (np.issubdtype(mu.dtype, np.number) and np.issubdtype(sigma.dtype, np.number)):
+            raise ValueError(f"{where}: mu, sigma: {mu.dtype} and {sigma.dtype}, expected numbers")
+        mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
+            raise ValueError(f"{where}: mu {mu.shape} and sigma {sigma.shape}, expected (D,) and (D, D)")
+        if not np.isfinite(mu).all():
+            raise ValueError(f"{where}: mu: contains NaN or inf")
+        check_covariance(sigma, f"{where}: sigma")
+    imgs = _check_images(a["arr_0"], where) if "arr_0" in a else None
+    return {"images": imgs, "mu": mu, "sigma": sigma}
 
 
 def checkpoint_digits(ckpt: str) -> list:
@@ -109,7 +160,7 @@ def checkpoint_digits(ckpt: str) -> list:
     return class_digits(names)
 
 
-def reference(net, ref: Optional[str], features: bool = True, digits=None):
+def reference(net, ref: Optional[str], features: bool = True, digits=None, flag: str = "--ref"):
     """(mu, sigma, features or None) of the reference for ``net``: ``ref``'s ``mu``/``sigma`` when it
     has them (as ADM: FID against the file's statistics), else those of its ``arr_0`` images;
     features of its ``arr_0`` images (precision/recall; None without images, or with ``features=False``
@@ -117,7 +168,7 @@ def reference(net, ref: Optional[str], features: bool = True, digits=None):
     the images of ``digits`` when given, the reference of a ``digits:0-4`` run)."""
     if ref is None:
         if net.name != "digits":
-            raise ValueError("--ref REF.npz is required for feature networks other than 'digits'")
+            raise ValueError(f"{flag} REF.npz is required for feature networks other than 'digits'")
         mu, sigma = digits_reference_stats(digits=digits)
         feats = digits_reference_features() if features else None
         if feats is not None and digits is not None and len(set(digits)) < DIGITS_CLASSES:
@@ -125,39 +176,36 @@ def reference(net, ref: Optional[str], features: bool = True, digits=None):
 
             feats = feats[torch.isin(DigitsDataset(size=16).labels, torch.tensor(list(digits)))]
         return mu, sigma, feats
-    r = load_reference(ref)
+    r = load_reference(ref, flag)
     feats = None
     if r["images"] is not None and (features or r["mu"] is None):
         if net.name == "digits":
-            check_digits_input(r["images"], source=f"--ref {ref}")
+            check_digits_input(r["images"], source=f"{flag} {ref}")
         feats = compute_features(r["images"], net)
     if r["mu"] is not None:
         return r["mu"], r["sigma"], feats
     if len(feats) < 2:
-        raise ValueError(f"--ref {ref}: FID statistics need at least 2 images in arr_0, got {len(feats)}")
+        raise ValueError(f"{flag} {ref}: arr_0: FID statistics need at least 2 images, got {len(feats)}")
     return (*feature_stats(feats), feats)
 
 
-def reference_stats(net, ref: Optional[str]):
+def reference_stats(net, ref: Optional[str], flag: str = "--ref"):
     """(mu, sigma) of ``ref`` (mu/sigma, or images in arr_0), or of the embedded digits."""
-    return reference(net, ref, features=False)[:2]
+    return reference(net, ref, features=False, flag=flag)[:2]
 
 
-IS_SPLITS = 10  # ADM: 5,000-sample splits of 50,000 samples
 PR_K = 3  # ADM / Kynkäänniemi et al.: k-th nearest neighbour radii
 
 
 def _score_is(probs, n: int, net_name: str, notes: list):
+    """IS over ADM's 5,000-sample splits (one split below 5,000 samples)."""
     if probs is None:
         notes.append(f"inception_score: the {net_name} feature network gives no class probabilities")
         return None, None
-    if n < IS_SPLITS:
-        notes.append(f"inception_score needs at least {IS_SPLITS} samples ({IS_SPLITS} splits), got {n}")
-        return None, None
-    if n // IS_SPLITS < probs.shape[1]:
-        notes.append(f"inception_score: {n // IS_SPLITS} samples per split for {probs.shape[1]} classes, "
-                        "IS is biased low")
-    return inception_score(probs, IS_SPLITS)
+    smallest = n % IS_SPLIT_SIZE or min(n, IS_SPLIT_SIZE)
+    if smallest < probs.shape[1]:
+        notes.append(f"inception_score: a split of {smallest} samples for {probs.shape[1]} classes, IS is biased low")
+    return inception_score(probs, IS_SPLIT_SIZE)
 
 
 def _score_pr(ref_feats, feats, ref: Optional[str], device, notes: list):
@@ -171,18 +219,27 @@ def _score_pr(ref_feats, feats, ref: Optional[str], device, notes: list):
     return precision_recall(ref_feats, feats, k=PR_K, device=device)
 
 
+def scoring_setup(feature_net: str = "digits", net_path: Optional[str] = None, ref: Optional[str] = None,
+                  device="cpu", digits=None):
+    """(network, (mu, sigma, reference features or None)): what scoring needs, loaded and checked (the
+    feature network's file, the reference file) before any sample is made; ``digits``: the embedded
+    reference holds only these digits (a ``digits:5-9`` checkpoint's)."""
+    net = get_feature_network(feature_net, net_path, device)
+    return net, reference(net, ref, digits=digits)
+
+
 def evaluate_samples(arr: np.ndarray, labels=None, feature_net: str = "digits", net_path: Optional[str] = None,
-                     ref: Optional[str] = None, device="cpu", source: str = "samples", digits=None) -> dict:
-    """FID, Inception Score (10 splits) and precision/recall (k = 3, against the reference images) of
-    uint8 (N, H, W, C) samples, and digits conditional accuracy when labels are given (real digits);
-    ``digits``: the digits reference holds only these; ``source`` names the samples in errors. A
+                     ref: Optional[str] = None, device="cpu", source: str = "samples", setup=None) -> dict:
+    """FID, Inception Score (ADM's 5,000-sample splits) and precision/recall (k = 3, against the
+    reference images) of uint8 (N, H, W, C) samples, and digits conditional accuracy when labels are
+    given (real digits); ``source`` names them in errors; ``setup``: ``scoring_setup``'s result when
+    already made (a digits subset's reference: ``scoring_setup(digits=...)``). A
     metric that cannot be computed is None, with the reason in ``warning``."""
     if len(arr) < 2:
         raise ValueError(f"{source}: FID needs at least 2 samples, got {len(arr)}")
     if feature_net == "digits":  # before loading the network: refuse what it cannot score
         check_digits_input(arr, labels, source)
-    net = get_feature_network(feature_net, net_path, device)
-    mu_r, sigma_r, ref_feats = reference(net, ref, digits=digits)
+    net, (mu_r, sigma_r, ref_feats) = setup or scoring_setup(feature_net, net_path, ref, device)
     feats, probs = compute_features_and_probs(arr, net)
     mu, sigma = feature_stats(feats)
     if np.shape(mu_r) != mu.shape:
@@ -243,20 +300,26 @@ def evaluate(npz: Optional[str] = None, ckpt: Optional[str] = None, *, feature_n
     """The result dictionary of ``python -m erw_fast.evaluate``: FID of ``npz``, or of
     ``num_samples`` fresh samples of ``ckpt`` (a file or a run folder: its latest checkpoint)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    net_path = inception if feature_net == "inception" else None
+    score_device = "cpu" if feature_net == "digits" else device
     if npz:
         arr, labels = load_npz_samples(npz)
         source = npz
+        setup = None
     else:
+        if save_npz:
+            check_writable(save_npz if save_npz.endswith(".npz") else save_npz + ".npz", "--save-npz")
         ckpt = checkpoint_path(ckpt)
         source = f"samples of {ckpt}"
+        # the feature network and the reference are loaded and checked before the (long) sampling
+        digits = checkpoint_digits(ckpt) if feature_net == "digits" else None
+        setup = scoring_setup(feature_net, net_path, ref, score_device, digits)
         arr, labels = sample_for_evaluation(
             ckpt, num_samples, weights=weights, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
             guidance_interval=guidance_interval, seed=seed, batch_size=batch_size, device=device,
             save_npz=save_npz, show_progress=show_progress, feature_net=feature_net)
-    net_path = inception if feature_net == "inception" else None
-    digits = checkpoint_digits(ckpt) if ckpt and feature_net == "digits" else None
-    result = evaluate_samples(arr, labels, feature_net, net_path, ref,
-                              device="cpu" if feature_net == "digits" else device, source=source, digits=digits)
+    result = evaluate_samples(arr, labels, feature_net, net_path, ref, device=score_device, source=source,
+                              setup=setup)
     if ckpt:
         result.update(ckpt=ckpt, weights=weights, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                       guidance_interval=list(parse_interval(guidance_interval)), seed=seed)

@@ -52,6 +52,7 @@ from ..models import checkpoint as _checkpoint
 from ..models.checkpoint import WarmupCheckpointError, load_checkpoint, read_checkpoint
 from ..models.sit import SiT
 from .guidance import ClassifierFreeGuidance, guidance_active
+from ..utils.cli import check_writable
 
 FORMAT = "erw_guided_velocity/1"
 MAX_BATCH = 1 << 16
@@ -253,6 +254,7 @@ def export_package(model: SiT, out: str, device: str = "cpu", batch: int = 2, dy
     from torch.export import export
 
     _check_options(device, batch)
+    check_writable(out, "--out")  # before the minutes of compiling, and not blamed on the compiler
     has_null = model.y_embedder.embedding_table.num_embeddings > model.num_classes
     null_class = model.num_classes
     model = _plain_model(model, device)

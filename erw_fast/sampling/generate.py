@@ -22,6 +22,7 @@ import torch
 from ..data.vae import DEFAULT_VAE, decode_latents, load_vae
 from ..models.checkpoint import load_checkpoint, resolve_checkpoint
 from ..utils import distributed
+from ..utils.cli import check_writable
 from ..utils.images import save_png_grid, to_uint8
 from ..utils.progress import progress
 from ..utils.runlock import output_lock
@@ -286,12 +287,16 @@ def _sample_checkpoint(ckpt: str, num_samples: int, out: str, *, weights: str = 
     d, using_dist = _ranks(rank, world_size, device)
     if not 0 <= d.rank < d.world:
         raise ValueError(f"rank {d.rank} out of range for world size {d.world}")
+    npz_path, png_path = output_paths(out)
+    if png and (isinstance(grid_per_class, bool) or not isinstance(grid_per_class, int) or grid_per_class < 1):
+        raise ValueError(f"--grid-per-class must be >= 1 (images per class row of the PNG grid), got "
+                         f"{grid_per_class}; --no-png writes no grid")
+    check_writable(npz_path, "--out")
     model = load_model(checkpoint_path(ckpt, quiet=d.rank != 0), weights, d.device, precision)
     check_request(num_samples, steps, batch_size, cfg_scale, model)
     class_ids = parse_classes(classes, model.num_classes)
     decoder = LatentDecoder(vae, d.device) if model.in_channels == 4 else None
     shape = (model.in_channels, model.input_size, model.input_size)
-    npz_path, png_path = output_paths(out)
 
     indices = list(range(d.rank, num_samples, d.world))
     autocast = sampling_precision(precision, d.device)[1]

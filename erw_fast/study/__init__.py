@@ -20,8 +20,8 @@ import torch
 
 from ..utils.runlock import RunLock
 from .config import Arm, StudyConfig, check_config, selected_arms, study_arms, study_config, study_settings
-from .execute import (Job, StudyError, collect_fits, collect_results, cores, data_floor, final_losses, probe_flops, read_jsonl,
-                      run_conditions, run_dir, run_jobs, say, seeds_in)
+from .execute import (Job, StudyError, collect_fits, collect_results, cores, data_floor, final_losses, probe_flops,
+                      read_jsonl, run_conditions, run_dir, run_jobs, say, seeds_in, train_config)
 from .plan import TARGET_QUANTILES, RunPlan, compute_at, compute_ratios, crossing, fid_targets, mean_std, plan_runs
 
 __all__ = ["Arm", "RunPlan", "StudyConfig", "StudyError", "compute_at", "compute_ratios", "crossing", "plan_runs",
@@ -70,11 +70,11 @@ def check_settings(out: str, settings: dict):
 
 def describe_arms(cfg: StudyConfig, arms: List[Arm]) -> Dict[str, dict]:
     """Per arm: label, recipe, warmup share, stop, and how its λ is weighted (the trainer's defaults)."""
-    from ..engine.config import TrainConfig, resolve_config
+    from ..engine.config import resolve_config
 
     out = {}
     for a in arms:
-        c = resolve_config(TrainConfig(method=a.method, model=cfg.model))
+        c = resolve_config(train_config(cfg, a.method))
         if a.method == "vanilla":
             lam = "none"
         elif c.lambda_schedule == "halflife":
@@ -133,13 +133,13 @@ def target_rule(cfg: StudyConfig) -> str:
 
 
 def _study_record(cfg, flops, budget, plans, results, seeds) -> dict:
-    from ..engine.config import TrainConfig, resolve_config
+    from ..engine.config import resolve_config
     from ..metrics import fd_name
     from ..models.sit import SIZES
 
     arms = study_arms(cfg)
     present = [a.name for a in arms if any(r["arm"] == a.name for r in results)]
-    tc = resolve_config(TrainConfig(method="erw", model=cfg.model))
+    tc = resolve_config(train_config(cfg, "erw"))
     size = SIZES[cfg.model.removeprefix("SiT-").split("/")[0]]
     finals = [r for r in results if r["step"] == plans[r["arm"]].total_steps]
     final_fid = {n: mean_std([r["fid"] for r in finals if r["arm"] == n])[0] for n in present}
@@ -152,7 +152,7 @@ def _study_record(cfg, flops, budget, plans, results, seeds) -> dict:
         main_arms=[a.name for a in arms if a.name in present and not (a.method == "erw" and a.stop is None
                                                                           and a.warmup != cfg.stop_warmup)],
         sweep=[a.name for a in arms if a.method == "erw" and a.stop is None],
-        l2r_depth=tc.l2r_depth, encoder_depth=tc.encoder_depth,
+        l2r_depth=tc.l2r_depth, encoder_depth=tc.encoder_depth, rope=tc.rope, lambda0=tc.lambda0,
         model_desc=f"{size['depth']} blocks, {size['hidden_size']} wide, {size['num_heads']} heads",
         floor=data_floor(cfg), losses={n: {str(s): final_losses(run_dir(cfg, n, s)) for s in seeds} for n in present},
         train_minutes=sum(r["seconds"] for r in finals) / 60,

@@ -104,12 +104,25 @@ def read_jsonl(path: str) -> List[dict]:
 # --------------------------------------------------------------------------------------------
 # The runs' settings and their FLOPs
 # --------------------------------------------------------------------------------------------
+def shared_architecture(cfg: StudyConfig) -> dict:
+    """The architecture every arm shares on purpose (a controlled comparison): ERW's per-size values for
+    ``cfg.model`` — RoPE on, its alignment block and λ0 — also for REPA and vanilla SiT, whose own recipes
+    (``--method repa`` / ``vanilla`` alone) would drop RoPE and move the block and λ0."""
+    from ..engine.config import model_size
+    from ..method.recipes import model_defaults
+    from ..models.sit import SIZES
+
+    size = model_size(cfg.model)
+    d = model_defaults(size, SIZES[size]["depth"], "erw")
+    return dict(rope=d["rope"], encoder_depth=d["encoder_depth"], lambda0=d["lambda0"])
+
+
 def train_config(cfg: StudyConfig, method: str, **kw):
-    """The trainer's settings of a study run (every arm: the same model, data, optimiser)."""
+    """The trainer's settings of a study run (every arm: the same model, architecture, data, optimiser)."""
     from ..engine import TrainConfig
 
     return TrainConfig(method=method, model=cfg.model, projector_dim=cfg.projector_dim, encoder=cfg.encoder,
-                       features=cfg.features if method != "vanilla" else "online", **kw)
+                       features=cfg.features if method != "vanilla" else "online", **shared_architecture(cfg), **kw)
 
 
 def probe_flops(cfg: StudyConfig) -> Dict[str, float]:

@@ -154,6 +154,11 @@ def _setup(study: dict) -> List[str]:
          f"- Model `{s['model']}` ({study['model_desc']}), warmup region L = {study['l2r_depth']} block(s), "
          f"alignment at block {study['encoder_depth']}, projector width {s['projector_dim']}; the same data (1,797 "
          "embedded digits, 16×16), batch, lr, EMA and seeds for every arm.",
+         f"- One architecture for every arm, on purpose: RoPE {'on' if study.get('rope', True) else 'off'}, the "
+         f"alignment at block {study['encoder_depth']} and λ0 {study.get('lambda0', 1.0):g} (ERW's values for this "
+         "size) also for REPA and vanilla SiT, so that the arms differ only in their training recipe. `--method "
+         "repa` alone trains REPA's own recipe (constant λ 0.5 at a third of the depth, no RoPE) and vanilla SiT "
+         "has no RoPE; neither is what these arms ran.",
          f"- FLOPs per step, counted as the trainer counts them: full REPA/ERW step {per(f['full'])}, ERW warmup step "
          f"{per(f['warmup'])} (**{f['warmup'] / f['full'] * 100:.0f}%** of a full step; the paper: 42.2K of 224.8K "
          f"GFLOPs, 19%), vanilla step {per(f['vanilla'])}, a step after the alignment stopped {per(f['unaligned'])}.",

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
+import tempfile
 from typing import Callable, List, Optional
 
 EXIT_OK, EXIT_NONFINITE, EXIT_USAGE = 0, 1, 2
@@ -45,6 +47,38 @@ def given_dests(parser: argparse.ArgumentParser, argv: List[str]) -> set:
     finally:
         for a, default in saved:
             a.default = default
+
+
+def check_positive(**values) -> None:
+    """ValueError ``--name must be an integer >= 1, got v`` for the first value (given by its flag's
+    name, ``batch_size`` = ``--batch-size``) that is not; ``None`` means unset and passes."""
+    for name, v in values.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+
+
+def check_writable(path: str, flag: str, folder: bool = False) -> None:
+    """ValueError naming ``flag`` unless ``path`` can be written (a file, or with ``folder`` a folder
+    to write into), checked before any expensive work: its nearest existing folder must be a folder
+    in which a file can be created (tried with a temporary file that is removed at once: this also
+    catches read-only file systems, which permission bits do not show to root), and a file path
+    must not be an existing folder."""
+    target = os.path.abspath(path)
+    if not folder and os.path.isdir(target):
+        raise ValueError(f"{flag} {path}: is a folder; give a file path")
+    if folder and os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"{flag} {path}: is a file; give a folder")
+    base = target if folder else os.path.dirname(target)
+    while not os.path.exists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        raise ValueError(f"{flag} {path}: {base} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=base, prefix=".erw-write-check-")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {base} ({(e.strerror or type(e).__name__).lower()})") from None
 
 
 def is_expected(e: BaseException) -> bool:
