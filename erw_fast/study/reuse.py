@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .execute import StudyError, cores, read_jsonl, say
+from .execute import StudyError, cores, read_jsonl, say, shared_architecture
 from .plan import mean_std
 
 ARMS = ("reuse", "reuse-charged", "erw", "repa")
@@ -107,10 +107,11 @@ def settings(cfg: ReuseConfig) -> dict:
 # The plan: FLOPs per step and each arm's steps
 # --------------------------------------------------------------------------------------------
 def train_config(cfg: ReuseConfig, method: str, data: str, **kw):
+    """Every arm (REPA's too) shares ERW's architecture for ``cfg.model``, as in the convergence study."""
     from ..engine import TrainConfig
 
     return TrainConfig(method=method, model=cfg.model, data=data, encoder=cfg.encoder, features=cfg.features,
-                       projector_dim=cfg.projector_dim, batch_size=cfg.batch_size, **kw)
+                       projector_dim=cfg.projector_dim, batch_size=cfg.batch_size, **shared_architecture(cfg), **kw)
 
 
 @dataclass
@@ -281,7 +282,8 @@ def report(cfg: ReuseConfig, p: ReusePlan, results: List[dict], seeds: List[int]
              f"Settings (written to `{cfg.out}/settings.json` before the first run): `{st['model']}`, target encoder "
              f"`{st['encoder']}` (features {st['features']}), batch {st['batch_size']}, lr {st['lr']:g}, EMA "
              f"{st['ema_decay']}, warmup region L = {st['l2r_depth']}, alignment at block {st['encoder_depth']}, λ0 "
-             f"{st['lambda0']:g} (half-life {st['half_life']:g} steps); first task `{cfg.first}`, second task "
+             f"{st['lambda0']:g} (half-life {st['half_life']:g} steps), RoPE on — every arm, REPA's included, has ERW's "
+             f"architecture on purpose (a controlled comparison; `--method repa` alone would train REPA's own recipe); first task `{cfg.first}`, second task "
              f"`{cfg.second}`; budget {cfg.budget_steps} REPA steps + the 5–9 feature extraction = "
              f"{p.budget / 1e12:.3f} TFLOP per arm; foundation and the `erw` arm: {p.warmup_steps} warmup steps "
              f"({cfg.warmup_fraction * 100:g}% of the budget); evaluation: {cfg.num_samples} samples of the final EMA "
