@@ -270,6 +270,8 @@ def _check_eval(c: TrainConfig):
     if c.data != "digits":
         import os
 
+        if image_folder_path(c.data) is not None and not c.inception and get_method(c.method).needs_encoder:
+            return  # an image folder without --inception: fd_<encoder> against the folder's images, FID null
         for flag, path in (("--inception", c.inception), ("--eval-ref", c.eval_ref)):
             if not path or not os.path.isfile(path):
                 raise ValueError(f"--eval-every on latent data needs {flag} FILE (a local file; got {path!r}): FID "
