@@ -70,13 +70,22 @@ def _names(text: str) -> Tuple[str, ...]:
 
 def _run_group(p: argparse.ArgumentParser, d: StudyConfig):
     g = p.add_argument_group("the runs (changing one needs another --out)")
-    g.add_argument("--model", help=f"SiT size (default {d.model})")
-    g.add_argument("--encoder", help=f"target encoder (default {d.encoder}: the embedded label-free encoder; "
-                   "digits-cnn: the same net trained with the digits' labels, the setting of the first study)")
+    g.add_argument("--data", help="the data: digits (default: the embedded digits), or an image folder "
+                   "(imagefolder:DIR, or a DIR of class sub-folders, taken at the trainer's 32 px)")
+    g.add_argument("--model", help="SiT size (default: digits SiT-D8/2; an image folder SiT-D8/4, the same 8x8 "
+                   "token grid)")
+    g.add_argument("--encoder", help="target encoder (default on the digits: digits-ssl, the embedded label-free "
+                   "encoder; digits-cnn: the same net trained with the digits' labels, the setting of the first study. "
+                   "On an image folder: dinov2-vit-b)")
+    g.add_argument("--encoder-path", help="local weights of --encoder (e.g. a DINOv2 transformers folder)")
+    g.add_argument("--inception", help="image folders: a local TorchScript Inception file for FID against the "
+                   "folder's images (without it FID is null and the speed figure uses fd_<encoder>)")
     g.add_argument("--projector-dim", type=int, help=f"projector width (default {d.projector_dim})")
+    g.add_argument("--batch-size", type=int, help="training batch (default: the trainer's, 64; on an image folder "
+                   "smaller when the folder is small: at most a quarter of its images, at least 8)")
     g.add_argument("--features", choices=("online", "precomputed"),
-                   help=f"target features: extracted once before training, counted (default {d.features}), or the "
-                   "encoder run every step")
+                   help="target features: extracted once before training, counted (default on the digits), or the "
+                   "encoder run every step (default on an image folder)")
     g.add_argument("--budget-steps", type=int, help=f"compute budget per arm, in REPA steps (default {d.budget_steps}; "
                    f"--quick {QUICK['budget_steps']})")
     g.add_argument("--points", type=int, help=f"evaluations per run at equal shares of the budget, >= 2 (default "
