@@ -281,7 +281,7 @@ def _failed(cfg: StudyConfig, job: Job, e: BaseException) -> StudyError:
 def _finished_line(i: int, n: int, job: Job, out: dict, t_start: float) -> str:
     recs, key = out["records"], "fid" if out["records"] and out["records"][0]["fid"] is not None else None
     key = key or next((k for k in (recs[0] if recs else {}) if k.startswith("fd_")), "fid")
-    fid = f"{'FID' if key == 'fid' else key} " + " → ".join(f"{r[key]:.3g}" for r in recs)
+    fid = f"{'FID' if key == 'fid' else key} " + " → ".join(format(r[key], ".2f" if key == "fid" else ".3g") for r in recs)
     el = (time.time() - t_start) / 60
     fit = f"; CKNNA after the warmup {out['fit']['cknna']:.3f}" if out.get("fit") else ""
     return (f"[{i}/{n}] {job.arm.name} seed {job.seed} done: trained in {out['train_wall']:.0f} s, evaluated in "
