@@ -65,6 +65,23 @@ def test_online_fd_matches_the_offline_metric(tmp_path):
     assert encoder_fd(arr, "digits-ssl")["fd_digits-ssl"] == pytest.approx(ev["fd_digits-ssl"], rel=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:dinov2-vit")
+def test_online_fd_on_an_image_folder_needs_no_inception(tmp_path, tiny_dinov2_dir):
+    """An image folder without --inception: each eval logs fd_dinov2-vit-b (against the folder's images)
+    and fid null with the reason; vanilla (no target encoder) still needs --inception."""
+    from test_imagefolder import make_folder
+
+    folder = make_folder(tmp_path / "shapes", per_class=4)
+    res = train(_config(str(tmp_path / "run"), data=f"imagefolder:{folder}", encoder="dinov2-vit-b",
+                        encoder_path=tiny_dinov2_dir, model="SiT-D/4", steps=2, eval_samples=6, eval_batch=6,
+                        projector_dim=32, threads=1))
+    ev = [e for e in _events(res.out) if e.get("event") == "eval"]
+    assert [e["step"] for e in ev] == [2] and ev[0]["fid"] is None and "--inception" in ev[0]["fid_note"]
+    assert ev[0]["fd_dinov2-vit-b"] > 0 and "sample_accuracy" not in ev[0]
+    with pytest.raises(ValueError, match="image folder without a target encoder needs --inception"):
+        train(_config(str(tmp_path / "v"), data=f"imagefolder:{folder}", method="vanilla", encoder="none"))
+
+
 def _worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))

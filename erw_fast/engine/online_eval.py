@@ -57,7 +57,7 @@ def _fd_reference(run):
 
         return load_digits(16)[0], "the embedded digits"
     if image_folder_path(cfg.data) is not None:
-        return run.data.images, "the image folder"
+        return run.data.images.float() / 127.5 - 1.0, "the image folder"  # uint8 (N, C, R, R) → [-1, 1]
     if cfg.eval_ref:
         from ..evaluation.samples import load_reference
 
