@@ -147,7 +147,9 @@ def _study_record(cfg, flops, budget, plans, results, seeds) -> dict:
     return dict(
         metric=metric, data=cfg.data, fid_network=("digits classifier" if cfg.data == "digits" else
                                                    ("Inception" if cfg.inception else None)),
-        encoder=cfg.encoder, encoder_desc=ENCODER_DESC.get(cfg.encoder, cfg.encoder), fd_key=fd_name(cfg.encoder),
+        encoder=cfg.encoder, encoder_desc=ENCODER_DESC.get(cfg.encoder, (
+            "DINOv2, self-supervised on LVD-142M without labels" if cfg.encoder.startswith("dinov2") else cfg.encoder)
+            + (f"; weights from {cfg.encoder_path}" if cfg.encoder_path else "")), fd_key=fd_name(cfg.encoder),
         fid_targets=fid_targets(final_fid, cfg.fid_targets), target_rule=target_rule(cfg),
         fits=collect_fits(cfg, present, seeds),
         fit_desc=FIT_DESC if cfg.data == "digits" else FIT_DESC.replace("256 held-out validation digits",
