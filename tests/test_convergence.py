@@ -334,7 +334,7 @@ def small_folder(tmp_path_factory):
 
 
 @pytest.mark.filterwarnings("ignore:dinov2-vit")
-def test_quick_study_on_an_image_folder_end_to_end(tmp_path, small_folder, tiny_dinov2_dir):
+def test_quick_study_on_an_image_folder_end_to_end(tmp_path, small_folder, tiny_dinov2_dir, capsys):
     """--quick on a generated folder with a local DINOv2: the folder's preset (SiT-D8/4, a batch fitted to
     24 images, the encoder online), FID null without an Inception file and the speed figure on fd_dinov2-vit-b
     against the folder's images; the report says so; a rerun trains nothing."""
@@ -344,6 +344,7 @@ def test_quick_study_on_an_image_folder_end_to_end(tmp_path, small_folder, tiny_
             tiny_dinov2_dir, "--arms", "vanilla,repa,erw-w20", "--out", str(out), "--doc", str(doc), "--plot", "",
             "--jobs", "1", "--threads", "1"]
     r = cli.main(argv)
+    assert "note: the budget goes" not in capsys.readouterr().err  # 8 steps x 8 images / 24: no memorising note
     study, results = r["study"], r["results"]
     s = json.load(open(out / "settings.json"))
     assert (s["data"], s["model"], s["batch_size"], s["features"], s["fid_network"]) == \
@@ -361,7 +362,7 @@ def test_quick_study_on_an_image_folder_end_to_end(tmp_path, small_folder, tiny_
 
 
 @pytest.mark.filterwarnings("ignore:dinov2-vit")
-def test_study_bad_inputs_on_an_image_folder(tmp_path, small_folder, monkeypatch, tiny_dinov2_dir):
+def test_study_bad_inputs_on_an_image_folder(tmp_path, small_folder, monkeypatch, tiny_dinov2_dir, capsys):
     """Each a one-line error before anything is written: a folder smaller than the batch, more samples than
     images, a digits encoder on other images, latents, and a rerun into a folder made for the digits."""
     monkeypatch.setattr(ex, "run_jobs", lambda *a, **k: pytest.fail("nothing may train"))
@@ -380,6 +381,11 @@ def test_study_bad_inputs_on_an_image_folder(tmp_path, small_folder, monkeypatch
         sc.check_config(sc.study_config(data=str(latents), model="SiT-D8/2", encoder="dinov2-vit-b", features="online"))
     with pytest.raises(ValueError, match="--batch-size: the digits study"):
         sc.check_config(sc.study_config(batch_size=16))
+    capsys.readouterr()
+    cli.main(["--data", data, "--encoder-path", tiny_dinov2_dir, "--num-samples", "20", "--budget-steps", "1000",
+              "--plan", "--out", str(out)])  # a note, not an error: 1000 steps x 8 images over 24 images
+    assert "note: the budget goes 333 times through the folder's 24 images" in capsys.readouterr().err
+    assert not out.exists()
     old = tmp_path / "digits-study"
     old.mkdir()
     (old / "settings.json").write_text(json.dumps(sc.study_settings(sc.study_config(quick=True))))

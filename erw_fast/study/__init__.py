@@ -26,6 +26,7 @@ from .plan import TARGET_QUANTILES, RunPlan, compute_at, compute_ratios, crossin
 __all__ = ["Arm", "RunPlan", "StudyConfig", "StudyError", "compute_at", "compute_ratios", "crossing", "plan_runs",
            "run_study", "study_arms", "study_config"]
 
+EPOCHS_NOTE = 200  # an image folder the budget passes more often than this gets a note (the digits: ~14)
 DOCS_DOC, DOCS_PLOT = "docs/convergence.md", "docs/images/convergence.png"
 
 
@@ -187,9 +188,14 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
     if cfg.data != "digits":
         from .config import folder_size
 
-        say(f"data {cfg.data}: {folder_size(cfg.data)} images; preset model {cfg.model}, batch {cfg.batch_size}, "
+        n = folder_size(cfg.data)
+        say(f"data {cfg.data}: {n} images; preset model {cfg.model}, batch {cfg.batch_size}, "
             f"encoder features {cfg.features}; FID: " + ("the Inception file" if cfg.inception else
                                                           "none (no --inception): the speed figure uses fd_" + cfg.encoder))
+        epochs = cfg.budget_steps * cfg.batch_size / n
+        if epochs > EPOCHS_NOTE:
+            say(f"note: the budget goes {epochs:.0f} times through the folder's {n} images: the arms may be compared "
+                "on memorising it; more images (or a lower --budget-steps) make the comparison mean more")
     say(f"target encoder {cfg.encoder}; {cfg.points} evaluations per run ({cfg.num_samples} samples, {cfg.sampler} "
         f"{cfg.sample_steps} steps); seeds {', '.join(map(str, cfg.seeds))}")
     print_plan(flops, budget, plans)
