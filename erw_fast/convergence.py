@@ -4,6 +4,7 @@
     python -m erw_fast.convergence --seeds 3,4,5   # more seeds into the same folder (the report covers all)
     python -m erw_fast.convergence --plan          # the plan only: steps, evaluation points, FLOPs
     python -m erw_fast.convergence --quick         # a smoke test of the whole study (about a minute)
+    python -m erw_fast.convergence --data imagefolder:DIR --encoder-path DINOV2_DIR --plan   # on your own images
 
 The preset keeps the proportions of ERW's SiT-XL/2 setting on the embedded digits: SiT-D8/2
 (8 blocks, 64 wide), ERW's warmup region 1 block (XL: 4 of 28), alignment at block 4 of 8 (XL: 14 of
@@ -11,6 +12,12 @@ The preset keeps the proportions of ERW's SiT-XL/2 setting on the embedded digit
 training (the digits have no augmentation), so an ERW warmup step costs 18% of a full step (the
 paper: 19%). The target encoder is the embedded label-free ``digits-ssl`` (--encoder digits-cnn: the
 same net trained with the digits' labels, the first study's target).
+
+On an image folder (--data imagefolder:DIR, or a DIR of class sub-folders, at the trainer's 32 px) the
+preset, printed by --plan, is SiT-D8/4 (the same 8x8 token grid), the trainer's batch halved while it
+exceeds a quarter of the folder (>= 8), and dinov2-vit-b run online; FD is measured against the
+folder's images in the encoder's space (DINOv2: its CLS token), FID only with --inception FILE (else
+null, and the speed figure uses fd_<encoder>). Latent datasets are not supported by the study yet.
 
 Every arm trains the same model on the same data with the same optimiser and the same training
 compute, counted in FLOPs with ``torch.utils.flop_counter`` exactly as the trainer counts them: the
@@ -70,13 +77,22 @@ def _names(text: str) -> Tuple[str, ...]:
 
 def _run_group(p: argparse.ArgumentParser, d: StudyConfig):
     g = p.add_argument_group("the runs (changing one needs another --out)")
-    g.add_argument("--model", help=f"SiT size (default {d.model})")
-    g.add_argument("--encoder", help=f"target encoder (default {d.encoder}: the embedded label-free encoder; "
-                   "digits-cnn: the same net trained with the digits' labels, the setting of the first study)")
+    g.add_argument("--data", help="the data: digits (default: the embedded digits), or an image folder "
+                   "(imagefolder:DIR, or a DIR of class sub-folders, taken at the trainer's 32 px)")
+    g.add_argument("--model", help="SiT size (default: digits SiT-D8/2; an image folder SiT-D8/4, the same 8x8 "
+                   "token grid)")
+    g.add_argument("--encoder", help="target encoder (default on the digits: digits-ssl, the embedded label-free "
+                   "encoder; digits-cnn: the same net trained with the digits' labels, the setting of the first study. "
+                   "On an image folder: dinov2-vit-b)")
+    g.add_argument("--encoder-path", help="local weights of --encoder (e.g. a DINOv2 transformers folder)")
+    g.add_argument("--inception", help="image folders: a local TorchScript Inception file for FID against the "
+                   "folder's images (without it FID is null and the speed figure uses fd_<encoder>)")
     g.add_argument("--projector-dim", type=int, help=f"projector width (default {d.projector_dim})")
+    g.add_argument("--batch-size", type=int, help="training batch (default: the trainer's, 64; on an image folder "
+                   "smaller when the folder is small: at most a quarter of its images, at least 8)")
     g.add_argument("--features", choices=("online", "precomputed"),
-                   help=f"target features: extracted once before training, counted (default {d.features}), or the "
-                   "encoder run every step")
+                   help="target features: extracted once before training, counted (default on the digits), or the "
+                   "encoder run every step (default on an image folder)")
     g.add_argument("--budget-steps", type=int, help=f"compute budget per arm, in REPA steps (default {d.budget_steps}; "
                    f"--quick {QUICK['budget_steps']})")
     g.add_argument("--points", type=int, help=f"evaluations per run at equal shares of the budget, >= 2 (default "

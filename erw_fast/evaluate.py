@@ -15,6 +15,10 @@ over ADM's consecutive 5,000-sample splits, the last one shorter) from the featu
 softmax, and ``precision``/``recall`` (Kynkäänniemi et al. 2019, k = 3) in its feature space; a metric
 that cannot be computed (too few samples, no class output, no reference images) is null with the
 reason in ``warning``.
+``--encoder E`` adds ``fd_E``: the Fréchet distance in the target encoder's space (DINOv2: its CLS
+token; the digits encoders: their mean token) against --ref's ``arr_0`` images or the embedded
+digits; no Inception file needed, but a model aligned to E may be favoured by it. ``sfid`` is null
+(``sfid_note`` says why: the TorchScript Inception does not expose the spatial mixed_6 features).
 The digits network refuses images that are not greyscale 8..16 px squares (N, S, S, 1) and labels
 outside 0..9. ``--ckpt`` may be a run folder (its latest checkpoint); sampling shows a progress bar
 (``--no-progress`` to hide it). Prints one JSON line; ``--json-out`` also writes it to a file.
@@ -45,6 +49,10 @@ def build_parser():
     p.add_argument("--inception", default=None, help="local TorchScript Inception-v3 file (for --feature-net inception)")
     p.add_argument("--ref", default=None, help="reference .npz: mu/sigma (FID) and/or arr_0 images (FID without "
                    "mu/sigma, precision/recall), e.g. ADM's VIRTUAL_imagenet256_labeled.npz; default: the embedded digits")
+    p.add_argument("--encoder", default=None, help="also fd_<encoder>: the Fréchet distance in this target encoder's "
+                   "feature space (e.g. digits-ssl, digits-cnn, dinov2-vit-b: its CLS token, as FD_DINOv2 of Stein et al. "
+                   "/ EDM2) against --ref's arr_0 images (default: the embedded digits); needs no Inception file")
+    p.add_argument("--encoder-path", default=None, help="local weights of --encoder (e.g. a DINOv2 transformers folder)")
     p.add_argument("--json-out", default=None)
     g = p.add_argument_group("sampling (with --ckpt)")
     g.add_argument("--num-samples", type=int, default=1000)
@@ -79,7 +87,7 @@ def _run(a) -> dict:
                       num_samples=a.num_samples, weights=a.weights, sampler=a.sampler, steps=a.steps,
                       cfg_scale=a.cfg_scale, guidance_interval=a.guidance_interval, seed=a.seed,
                       batch_size=a.batch_size, device=a.device, save_npz=a.save_npz,
-                      show_progress=not a.no_progress)
+                      show_progress=not a.no_progress, encoder=a.encoder, encoder_path=a.encoder_path)
     line = json.dumps(result)
     print(line)
     if a.json_out:

@@ -293,6 +293,9 @@ class EncoderFeatures:
     def features(self, images: torch.Tensor) -> torch.Tensor:
         dev = next(self.encoder.parameters()).device
         images = images.to(dev)
+        if getattr(self.encoder, "input_range", None) == "uint8":  # DINOv2: raw RGB in [0, 255], as the trainer feeds it
+            images = ((images.float() + 1.0) * 127.5).round().clamp(0, 255)
+            images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
         if self.pooling == "global":
             return self.encoder.global_features(images)
         return self.encoder(images).mean(dim=1)

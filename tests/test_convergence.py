@@ -321,3 +321,74 @@ def test_a_folder_from_before_the_encoder_flag_is_the_label_trained_study(tmp_pa
     st.check_settings(str(out), sc.study_settings(sc.study_config(encoder="digits-cnn", points=4)))
     with pytest.raises(ValueError, match="encoder: 'digits-cnn' there, 'digits-ssl' now"):
         st.check_settings(str(out), sc.study_settings(sc.study_config(points=4)))
+
+
+# --------------------------------------------------------------------------------------------
+# The study on an image folder (a generated one, a tiny random-weight DINOv2)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory):
+    from test_imagefolder import make_folder
+
+    return make_folder(tmp_path_factory.mktemp("shapes"), per_class=8)  # 24 images, 40 px (32 px after the crop)
+
+
+@pytest.mark.filterwarnings("ignore:dinov2-vit")
+def test_quick_study_on_an_image_folder_end_to_end(tmp_path, small_folder, tiny_dinov2_dir, capsys):
+    """--quick on a generated folder with a local DINOv2: the folder's preset (SiT-D8/4, a batch fitted to
+    24 images, the encoder online), FID null without an Inception file and the speed figure on fd_dinov2-vit-b
+    against the folder's images; the report says so; a rerun trains nothing."""
+    pytest.importorskip("matplotlib", reason="the study's plot needs matplotlib (the test extra installs it)")
+    out, doc = tmp_path / "runs", tmp_path / "conv.md"
+    argv = ["--quick", "--data", f"imagefolder:{small_folder}", "--encoder", "dinov2-vit-b", "--encoder-path",
+            tiny_dinov2_dir, "--arms", "vanilla,repa,erw-w20", "--out", str(out), "--doc", str(doc), "--plot", "",
+            "--jobs", "1", "--threads", "1"]
+    r = cli.main(argv)
+    assert "note: the budget goes" not in capsys.readouterr().err  # 8 steps x 8 images / 24: no memorising note
+    study, results = r["study"], r["results"]
+    s = json.load(open(out / "settings.json"))
+    assert (s["data"], s["model"], s["batch_size"], s["features"], s["fid_network"]) == \
+        (f"imagefolder:{small_folder}", "SiT-D8/4", 8, "online", None)
+    assert study["metric"] == study["fd_key"] == "fd_dinov2-vit-b" and set(study["present"]) == {"vanilla", "repa", "erw-w20"}
+    assert results and all(x["fid"] is None and "accuracy" not in x and np.isfinite(x["fd_dinov2-vit-b"]) for x in results)
+    assert study["fid_targets"] and -1 <= study["fits"]["erw-w20"]["0"]["cknna"] <= 1
+    cfg = json.load(open(out / "repa-seed0" / "config.json"))
+    assert cfg["data"] == f"imagefolder:{small_folder}" and cfg["encoder"] == "dinov2-vit-b" and cfg["batch_size"] == 8
+    text = doc.read_text()
+    for piece in ("**no FID**", "Compute to reach fixed fd_dinov2-vit-b targets", "## Verdict", "CLS token"):
+        assert piece in text, piece
+    again = cli.main(argv)
+    assert [i["trained"] for i in again["study"]["invocations"]] == [3, 0]
+
+
+@pytest.mark.filterwarnings("ignore:dinov2-vit")
+def test_study_bad_inputs_on_an_image_folder(tmp_path, small_folder, monkeypatch, tiny_dinov2_dir, capsys):
+    """Each a one-line error before anything is written: a folder smaller than the batch, more samples than
+    images, a digits encoder on other images, latents, and a rerun into a folder made for the digits."""
+    monkeypatch.setattr(ex, "run_jobs", lambda *a, **k: pytest.fail("nothing may train"))
+    data = f"imagefolder:{small_folder}"
+    out = tmp_path / "x"
+    for extra, msg in ((["--batch-size", "64"], "24 images, fewer than the batch of 64"),
+                       (["--num-samples", "400"], "more samples than the folder's 24 images"),
+                       (["--encoder", "digits-ssl"], "read 16x16 greyscale digits")):
+        with pytest.raises(ValueError, match=msg):
+            cli.main(["--quick", "--data", data, "--out", str(out), "--plot", "", "--doc", ""] + extra)
+        assert not out.exists()
+    latents = tmp_path / "lat"
+    latents.mkdir()
+    (latents / "dataset.json").write_text("{}")
+    with pytest.raises(ValueError, match="latent datasets are not supported by the study"):
+        sc.check_config(sc.study_config(data=str(latents), model="SiT-D8/2", encoder="dinov2-vit-b", features="online"))
+    with pytest.raises(ValueError, match="--batch-size: the digits study"):
+        sc.check_config(sc.study_config(batch_size=16))
+    capsys.readouterr()
+    cli.main(["--data", data, "--encoder-path", tiny_dinov2_dir, "--num-samples", "20", "--budget-steps", "1000",
+              "--plan", "--out", str(out)])  # a note, not an error: 1000 steps x 8 images over 24 images
+    assert "note: the budget goes 333 times through the folder's 24 images" in capsys.readouterr().err
+    assert not out.exists()
+    old = tmp_path / "digits-study"
+    old.mkdir()
+    (old / "settings.json").write_text(json.dumps(sc.study_settings(sc.study_config(quick=True))))
+    with pytest.raises(ValueError, match="data: 'digits' there"):
+        cli.main(["--quick", "--data", data, "--encoder-path", tiny_dinov2_dir, "--out", str(old), "--plot", "",
+                  "--doc", ""])

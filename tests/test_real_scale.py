@@ -190,6 +190,28 @@ print("RESULT" + json.dumps(out))
 """
 
 
+def test_fd_dinov2_uses_the_cls_token(tiny_dinov2_dir):
+    """fd_dinov2 (Stein et al. / EDM2): one vector per image, DINOv2's final-norm CLS token, computed from
+    [-1, 1] images (greyscale expanded to RGB, mapped to [0, 255] as the trainer feeds the encoder)."""
+    from erw_fast.metrics import EncoderFeatures, feature_stats, fid_from_images
+
+    enc = build_encoder("dinov2-vit-b", path=tiny_dinov2_dir, token_grid=2)
+    net = EncoderFeatures(enc)
+    assert net.pooling == "global" and net.name == "fd_dinov2-vit-b"
+    x = torch.rand(5, 1, 20, 20) * 2 - 1
+    f = net.features(x)
+    raw = ((x + 1) * 127.5).round().expand(-1, 3, -1, -1)
+    ref_x = (raw / 255 - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
+        [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    ref_x = torch.nn.functional.interpolate(ref_x, size=(28, 28), mode="bicubic", align_corners=False)
+    model = transformers.Dinov2Model.from_pretrained(tiny_dinov2_dir).eval()
+    with torch.no_grad():
+        ref = model(pixel_values=ref_x).pooler_output  # the final-norm CLS token
+    assert f.shape == (5, 32)
+    torch.testing.assert_close(f, ref, atol=1e-5, rtol=1e-5)
+    assert fid_from_images(x, feature_stats(f), net) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_dinov2_from_caches_offline(tmp_path, tiny_dinov2_dir, fake_hub_repo):
     """No path: the facebook/dinov2-* id from the local HF cache, else the torch hub cache (offline)."""
     import subprocess

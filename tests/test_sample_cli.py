@@ -161,6 +161,36 @@ def test_evaluate_npz_of_real_digits(tmp_path):
     assert (tmp_path / "r.json").exists()
 
 
+def test_evaluate_reports_fd_in_the_target_encoders_space(tmp_path, tiny_dinov2_dir):
+    """``--encoder E``: fd_E against the embedded digits (or --ref's arr_0), equal to the Fréchet distance of
+    the encoder's features computed by hand; sFID is null with its reason."""
+    from erw_fast.data.digits import DigitsDataset, load_digits
+    from erw_fast.encoders import build_encoder
+    from erw_fast.evaluate import main as evaluate
+    from erw_fast.metrics import EncoderFeatures, feature_stats, frechet_distance
+
+    val = DigitsDataset(split="val")
+    arr = np.clip(np.rint((val.images.numpy() + 1) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
+    np.savez(tmp_path / "val.npz", arr_0=arr)
+    res = evaluate(["--npz", str(tmp_path / "val.npz"), "--encoder", "digits-ssl"])
+    net = EncoderFeatures(build_encoder("digits-ssl"))
+    by_hand = frechet_distance(*feature_stats(net.features(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1)),
+                               *feature_stats(net.features(load_digits(16)[0])))
+    assert res["fd_digits-ssl"] == pytest.approx(by_hand, rel=1e-6)
+    assert res["sfid"] is None and "spatial" in res["sfid_note"] and "embedded digits" in res["fd_reference"]
+    noise = np.random.default_rng(0).integers(0, 256, arr.shape, dtype=np.uint8)
+    np.savez(tmp_path / "noise.npz", arr_0=noise)
+    assert evaluate(["--npz", str(tmp_path / "noise.npz"), "--encoder", "digits-ssl"])["fd_digits-ssl"] > 10 * by_hand
+    # DINOv2 (its CLS token) from a local folder, against --ref's images: the samples themselves give 0
+    np.savez(tmp_path / "ref.npz", arr_0=arr[:40])
+    d = evaluate(["--npz", str(tmp_path / "ref.npz"), "--ref", str(tmp_path / "ref.npz"), "--encoder", "dinov2-vit-b",
+                  "--encoder-path", tiny_dinov2_dir])
+    assert d["fd_dinov2-vit-b"] == pytest.approx(0.0, abs=1e-6) and d["fd_reference"].startswith("arr_0 of")
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match="needs reference images"):
+        evaluate(["--npz", str(tmp_path / "val.npz"), "--ref", str(tmp_path / "stats.npz"), "--encoder", "digits-ssl"])
+
+
 def test_evaluate_checkpoint_and_errors(ckpt, tmp_path):
     from erw_fast.evaluate import main as evaluate
 

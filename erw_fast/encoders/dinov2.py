@@ -204,6 +204,8 @@ def _set_grid(model: nn.Module, kind: str, grid: int) -> None:
 class DINOv2Encoder(TargetEncoder):
     """TargetEncoder over a DINOv2 ViT: raw pixels (B, 3, H, W) in [0, 255] → patch tokens (B, G², C)."""
 
+    input_range = "uint8"  # raw pixels in [0, 255], RGB (``metrics.EncoderFeatures`` converts [-1, 1] images)
+
     def __init__(self, model: nn.Module, kind: str, patch_size: int, dim: int, token_grid: int, name: str,
                  num_prefix_tokens: int = 1):
         super().__init__()
@@ -234,6 +236,15 @@ class DINOv2Encoder(TargetEncoder):
         if x.shape[-2:] != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bicubic", align_corners=False)
         return x
+
+    @torch.no_grad()
+    def global_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The image embedding (B, C): the final-norm CLS token, what ``model(x)`` returns in DINOv2's own
+        code and what Stein et al. (2023) / EDM2 take for FD_DINOv2 (``EncoderFeatures`` uses it)."""
+        x = self.preprocess(images)
+        if self.kind == "hub":
+            return self.model.forward_features(x)["x_norm_clstoken"]
+        return self.model(pixel_values=x).last_hidden_state[:, 0]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images)

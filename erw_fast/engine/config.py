@@ -360,9 +360,12 @@ def _check_eval(c: TrainConfig):
     if not is_digits(c.data):
         import os
 
+        if image_folder_path(c.data) is not None and not c.inception and get_method(c.method).needs_encoder:
+            return  # an image folder without --inception: fd_<encoder> against the folder's images, FID null
+        what = "an image folder without a target encoder" if image_folder_path(c.data) is not None else "latent data"
         for flag, path in (("--inception", c.inception), ("--eval-ref", c.eval_ref)):
             if not path or not os.path.isfile(path):
-                raise ValueError(f"--eval-every on latent data needs {flag} FILE (a local file; got {path!r}): FID "
+                raise ValueError(f"--eval-every on {what} needs {flag} FILE (a local file; got {path!r}): FID "
                                  "uses a TorchScript Inception and reference statistics (ADM's npz)")
         from ..evaluation.samples import load_reference
 

@@ -32,7 +32,7 @@ from ..sampling.generate import (check_request, checkpoint_path, generate, load_
                                   parse_interval)
 
 __all__ = ["scoring_setup", "read_npz", "check_labels", "load_npz_samples", "load_reference", "reference",
-           "reference_stats", "check_digits_input",
+           "reference_stats", "check_digits_input", "encoder_fd",
            "evaluate_samples", "sample_for_evaluation", "evaluate"]
 
 DIGITS_SIZES = (8, 16)  # the embedded digits' own size .. the classifier's input (and the reference's) size
@@ -259,6 +259,36 @@ def evaluate_samples(arr: np.ndarray, labels=None, feature_net: str = "digits", 
     return out
 
 
+SFID_NOTE = ("sfid: ADM's spatial FID needs Inception's mixed_6/conv spatial features (its first 7 channels), "
+             "which the TorchScript Inception interface (features and class output only) does not expose; not computed")
+
+
+def encoder_fd(arr: np.ndarray, encoder: str, encoder_path: Optional[str] = None, ref: Optional[str] = None,
+               device="cpu") -> dict:
+    """``{"fd_<encoder>": FD, "fd_reference": what it is measured against}``: the Fréchet distance in the
+    target encoder's feature space (:class:`erw_fast.metrics.EncoderFeatures`: DINOv2's CLS token, a
+    digits encoder's mean token) between the samples and the reference images (``ref``'s ``arr_0``; no
+    ``ref``: the embedded digits). Needs no Inception file. A model aligned to this encoder may be
+    favoured by it; read it beside the independent network's FID."""
+    from ..encoders import build_encoder
+    from ..metrics import EncoderFeatures, encoder_fd_stats, fd_name, fid_from_images
+
+    if ref is None:
+        from ..data.digits import load_digits
+
+        images, what = load_digits(16)[0], "the embedded digits (1,797)"
+    else:
+        images, what = load_reference(ref)["images"], f"arr_0 of {ref}"
+        if images is None:
+            raise ValueError(f"fd_{encoder} needs reference images, but {ref} has only mu/sigma (no arr_0)")
+    # DINOv2 at its own default grid (16 x 14 = 224 px, the input Stein et al. feed it)
+    enc = build_encoder(encoder, device=device, **({"path": encoder_path} if encoder_path else {}))
+    if len(arr) < 2 or len(images) < 2:
+        raise ValueError(f"fd_{encoder} needs at least 2 samples and 2 reference images")
+    return {fd_name(encoder): fid_from_images(arr, encoder_fd_stats(enc, images), EncoderFeatures(enc)),
+            "fd_reference": what}
+
+
 def sample_for_evaluation(ckpt: str, num_samples: int, *, weights: str = "ema", sampler: str = "sde",
                           steps: int = 250, cfg_scale: float = 1.0, guidance_interval: str = "0,1", seed: int = 0,
                           batch_size: int = 250, device="cpu", save_npz: Optional[str] = None,
@@ -296,12 +326,17 @@ def evaluate(npz: Optional[str] = None, ckpt: Optional[str] = None, *, feature_n
              inception: Optional[str] = None, ref: Optional[str] = None, num_samples: int = 1000,
              weights: str = "ema", sampler: str = "sde", steps: int = 250, cfg_scale: float = 1.0,
              guidance_interval: str = "0,1", seed: int = 0, batch_size: int = 250, device: Optional[str] = None,
-             save_npz: Optional[str] = None, show_progress: bool = False) -> dict:
+             save_npz: Optional[str] = None, show_progress: bool = False, encoder: Optional[str] = None,
+             encoder_path: Optional[str] = None) -> dict:
     """The result dictionary of ``python -m erw_fast.evaluate``: FID of ``npz``, or of
-    ``num_samples`` fresh samples of ``ckpt`` (a file or a run folder: its latest checkpoint)."""
+    ``num_samples`` fresh samples of ``ckpt`` (a file or a run folder: its latest checkpoint); with
+    ``encoder`` also ``fd_<encoder>`` (:func:`encoder_fd`). ``sfid`` is null with the reason in ``sfid_note``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     net_path = inception if feature_net == "inception" else None
     score_device = "cpu" if feature_net == "digits" else device
+    if encoder and ref and load_reference(ref)["images"] is None:  # before any sampling
+        raise ValueError(f"--encoder {encoder}: fd_{encoder} needs reference images, but --ref {ref} has only "
+                         "mu/sigma (no arr_0)")
     if npz:
         arr, labels = load_npz_samples(npz)
         source = npz
@@ -320,6 +355,9 @@ def evaluate(npz: Optional[str] = None, ckpt: Optional[str] = None, *, feature_n
             save_npz=save_npz, show_progress=show_progress, feature_net=feature_net)
     result = evaluate_samples(arr, labels, feature_net, net_path, ref, device=score_device, source=source,
                               setup=setup)
+    if encoder:
+        result.update(encoder_fd(arr, encoder, encoder_path, ref, device=score_device))
+    result.update(sfid=None, sfid_note=SFID_NOTE)
     if ckpt:
         result.update(ckpt=ckpt, weights=weights, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                       guidance_interval=list(parse_interval(guidance_interval)), seed=seed)

@@ -27,6 +27,7 @@ from .plan import TARGET_QUANTILES, RunPlan, compute_at, compute_ratios, crossin
 __all__ = ["Arm", "RunPlan", "StudyConfig", "StudyError", "compute_at", "compute_ratios", "crossing", "plan_runs",
            "run_study", "study_arms", "study_config"]
 
+EPOCHS_NOTE = 200  # an image folder the budget passes more often than this gets a note (the digits: ~14)
 DOCS_DOC, DOCS_PLOT = "docs/convergence.md", "docs/images/convergence.png"
 
 
@@ -57,6 +58,7 @@ def check_settings(out: str, settings: dict):
         with open(path) as f:
             old = json.load(f)
         old.setdefault("encoder", "digits-cnn")  # folders from before --encoder: the only target then
+        old.setdefault("data", "digits")  # folders from before --data: the digits study
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff:
             what = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
@@ -142,11 +144,18 @@ def _study_record(cfg, flops, budget, plans, results, seeds) -> dict:
     tc = resolve_config(train_config(cfg, "erw"))
     size = SIZES[cfg.model.removeprefix("SiT-").split("/")[0]]
     finals = [r for r in results if r["step"] == plans[r["arm"]].total_steps]
-    final_fid = {n: mean_std([r["fid"] for r in finals if r["arm"] == n])[0] for n in present}
+    metric = "fid" if all(r["fid"] is not None for r in results) else fd_name(cfg.encoder)
+    final_fid = {n: mean_std([r[metric] for r in finals if r["arm"] == n])[0] for n in present}
     return dict(
-        encoder=cfg.encoder, encoder_desc=ENCODER_DESC.get(cfg.encoder, cfg.encoder), fd_key=fd_name(cfg.encoder),
+        metric=metric, data=cfg.data, fid_network=("digits classifier" if cfg.data == "digits" else
+                                                   ("Inception" if cfg.inception else None)),
+        encoder=cfg.encoder, encoder_desc=ENCODER_DESC.get(cfg.encoder, (
+            "DINOv2, self-supervised on LVD-142M without labels" if cfg.encoder.startswith("dinov2") else cfg.encoder)
+            + (f"; weights from {cfg.encoder_path}" if cfg.encoder_path else "")), fd_key=fd_name(cfg.encoder),
         fid_targets=fid_targets(final_fid, cfg.fid_targets), target_rule=target_rule(cfg),
-        fits=collect_fits(cfg, present, seeds), fit_desc=FIT_DESC,
+        fits=collect_fits(cfg, present, seeds),
+        fit_desc=FIT_DESC if cfg.data == "digits" else FIT_DESC.replace("256 held-out validation digits",
+                                                                         "up to 256 images of the folder"),
         config=asdict(cfg), settings=study_settings(cfg), flops=flops, budget=budget,
         plans={n: asdict(p) for n, p in plans.items()}, arms=describe_arms(cfg, arms), present=present, seeds=seeds,
         main_arms=[a.name for a in arms if a.name in present and not (a.method == "erw" and a.stop is None
@@ -177,6 +186,17 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
     say("convergence study: counting FLOPs per step ...")
     flops = probe_flops(cfg)
     budget, plans = plan_runs(flops, cfg.budget_steps, cfg.points, study_arms(cfg))
+    if cfg.data != "digits":
+        from .config import folder_size
+
+        n = folder_size(cfg.data)
+        say(f"data {cfg.data}: {n} images; preset model {cfg.model}, batch {cfg.batch_size}, "
+            f"encoder features {cfg.features}; FID: " + ("the Inception file" if cfg.inception else
+                                                          "none (no --inception): the speed figure uses fd_" + cfg.encoder))
+        epochs = cfg.budget_steps * cfg.batch_size / n
+        if epochs > EPOCHS_NOTE:
+            say(f"note: the budget goes {epochs:.0f} times through the folder's {n} images: the arms may be compared "
+                "on memorising it; more images (or a lower --budget-steps) make the comparison mean more")
     say(f"target encoder {cfg.encoder}; {cfg.points} evaluations per run ({cfg.num_samples} samples, {cfg.sampler} "
         f"{cfg.sample_steps} steps); seeds {', '.join(map(str, cfg.seeds))}")
     print_plan(flops, budget, plans)

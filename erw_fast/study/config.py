@@ -10,6 +10,7 @@ a smoke test (every arm trains, is evaluated and reported in about a minute).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 from ..encoders.digits import DEFAULT_DIGITS_ENCODER, DIGITS_ENCODERS
@@ -24,10 +25,14 @@ class StudyConfig:
     arms: Optional[Tuple[str, ...]] = None   # None: every arm of the settings below
     seeds: Tuple[int, ...] = (0, 1, 2)
     # the runs
-    model: str = "SiT-D8/2"
-    encoder: str = DEFAULT_DIGITS_ENCODER   # the target encoder (digits-ssl: label-free; digits-cnn: label-trained)
+    data: str = "digits"             # the embedded digits, or an image folder (imagefolder:DIR or a plain DIR)
+    model: Optional[str] = None      # None: the data's preset (digits SiT-D8/2; an image folder SiT-D8/<R/8>)
+    encoder: Optional[str] = None    # None: digits-ssl on the digits (label-free; digits-cnn: label-trained), else dinov2-vit-b
+    encoder_path: Optional[str] = None   # local weights of the encoder (e.g. a DINOv2 transformers folder)
+    inception: Optional[str] = None  # image folders: a local TorchScript Inception file for FID (None: FID null)
     projector_dim: int = 128
-    features: str = "precomputed"    # the digits' target features: extracted once (counted) or online
+    batch_size: Optional[int] = None  # None: the trainer's (digits 64); an image folder: 64, or fewer for a small folder
+    features: Optional[str] = None   # None: digits precomputed (extracted once, counted); an image folder online
     budget_steps: int = 400          # the compute budget per arm, in REPA steps (+ the feature extraction)
     points: int = 8                  # evaluations at budget * i / points, i = 1..points (>= 2)
     fid_targets: Optional[Tuple[float, ...]] = None   # FID targets τ of the speed figure (None: see plan.fid_targets)
@@ -53,14 +58,58 @@ QUICK = dict(out="runs/convergence-quick", seeds=(0,), budget_steps=8, points=2,
              eval_batch=20)
 
 
+# An image folder: the trainer's image-folder defaults (32 px, batch, lr, EMA) and the digits preset's
+# SiT-D8 with the patch that gives its 8x8 token grid, the encoder run online (the digits extract once).
+FOLDER_TOKEN_GRID = 8
+DEFAULT_FOLDER_ENCODER = "dinov2-vit-b"
+
+
+def data_kind(data: str) -> str:
+    """``digits``, ``imagefolder`` or ``latents`` (as the trainer reads ``--data``)."""
+    from ..data.imagefolder import image_folder_path
+
+    return "digits" if data == "digits" else ("imagefolder" if image_folder_path(data) is not None else "latents")
+
+
+def dataset_preset(data: str) -> Dict:
+    """The settings that depend on the data (model, encoder, features), for the fields left at None."""
+    kind = data_kind(data)
+    if kind == "digits":
+        return dict(model="SiT-D8/2", encoder=DEFAULT_DIGITS_ENCODER, features="precomputed")
+    if kind == "latents":  # refused by check_config (not supported by the study yet)
+        return dict(model="SiT-D8/2", encoder=DEFAULT_FOLDER_ENCODER, features="online")
+    from ..engine.config import DATA_DEFAULTS
+
+    res, batch = DATA_DEFAULTS["imagefolder"]["resolution"], DATA_DEFAULTS["imagefolder"]["batch_size"]
+    n = folder_size(data)
+    while batch > 8 and batch > n // 4:  # a small folder: a batch of at most a quarter of it (but >= 8)
+        batch //= 2
+    return dict(model=f"SiT-D8/{max(1, res // FOLDER_TOKEN_GRID)}", encoder=DEFAULT_FOLDER_ENCODER, features="online",
+                batch_size=batch)
+
+
+@lru_cache(maxsize=2)
+def folder_data(data: str):
+    """The image folder as the trainer loads it (on the CPU), loaded once."""
+    from ..data import load_train_data
+
+    return load_train_data(data, "cpu")
+
+
+def folder_size(data: str) -> int:
+    return folder_data(data).num_samples
+
+
 def study_config(quick: bool = False, **given) -> StudyConfig:
-    """The preset (``paper``, or ``quick``) with the given fields on top (None = the preset's)."""
+    """The preset (``paper``, or ``quick``) with the given fields on top (None = the preset's), and the
+    data's preset (:func:`dataset_preset`) for the model, encoder and features not given."""
     base = StudyConfig(**(QUICK if quick else {}), quick=quick)
     known = {f.name for f in fields(StudyConfig)}
     unknown = sorted(set(given) - known)
     if unknown:
         raise TypeError(f"unknown study settings {unknown}")
-    return replace(base, **{k: v for k, v in given.items() if v is not None})
+    cfg = replace(base, **{k: v for k, v in given.items() if v is not None})
+    return replace(cfg, **{k: v for k, v in dataset_preset(cfg.data).items() if getattr(cfg, k) is None})
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,9 +175,7 @@ def check_config(cfg: StudyConfig):
         raise ValueError(f"--budget-steps must be >= 1, got {cfg.budget_steps}")
     if cfg.points < 2:
         raise ValueError(f"--points must be >= 2 (a curve needs two evaluations), got {cfg.points}")
-    if cfg.encoder not in DIGITS_ENCODERS:
-        raise ValueError(f"--encoder {cfg.encoder!r}: the digits study aligns to an embedded digits encoder, "
-                         f"one of {', '.join(DIGITS_ENCODERS)}")
+    _check_data(cfg)
     if cfg.fid_targets is not None and (not cfg.fid_targets or any(not t > 0 for t in cfg.fid_targets)):
         raise ValueError(f"--fid-targets must be positive FID values, got {list(cfg.fid_targets)}")
     if not cfg.seeds:
@@ -150,14 +197,46 @@ def check_config(cfg: StudyConfig):
     selected_arms(cfg)
 
 
+def _check_data(cfg: StudyConfig):
+    kind = data_kind(cfg.data)
+    if kind == "latents":
+        raise ValueError(f"--data {cfg.data}: the study runs on the digits or an image folder (imagefolder:DIR); "
+                         "latent datasets are not supported by the study yet (train them with python -m erw_fast.train)")
+    if kind == "digits" and cfg.encoder not in DIGITS_ENCODERS:
+        raise ValueError(f"--encoder {cfg.encoder!r}: the digits study aligns to an embedded digits encoder, "
+                         f"one of {', '.join(DIGITS_ENCODERS)}")
+    if kind != "digits" and cfg.encoder in DIGITS_ENCODERS:
+        raise ValueError(f"--encoder {cfg.encoder}: the embedded digits encoders read 16x16 greyscale digits, not "
+                         f"the images of --data {cfg.data}; use e.g. dinov2-vit-b (--encoder-path for local weights)")
+    if kind == "imagefolder":
+        n = folder_size(cfg.data)
+        if cfg.batch_size > n:
+            raise ValueError(f"--data {cfg.data}: {n} images, fewer than the batch of {cfg.batch_size} (--batch-size); "
+                             "add images or lower --batch-size")
+        if cfg.num_samples > n:
+            raise ValueError(f"--num-samples {cfg.num_samples}: more samples than the folder's {n} images that FD "
+                             "compares them with; lower --num-samples")
+    if kind == "digits" and cfg.batch_size is not None:
+        raise ValueError("--batch-size: the digits study keeps the trainer's batch (64) of its first runs; drop it")
+    if kind == "digits" and cfg.inception:
+        raise ValueError("--inception: the digits study scores FID with the digits classifier; drop --inception")
+    import os
+
+    if cfg.inception and not os.path.isfile(cfg.inception):
+        raise ValueError(f"--inception {cfg.inception}: no such file")
+
+
 def study_settings(cfg: StudyConfig) -> Dict:
-    """What the runs and evaluations in ``cfg.out`` depend on (a rerun in the same folder must match)."""
-    keep = ("model", "encoder", "projector_dim", "features", "budget_steps", "points", "warmup_fractions", "stop_fraction",
+    """What the runs and evaluations in ``cfg.out`` depend on (a rerun in the same folder must match);
+    ``data`` (and, off the digits, the FID network) beside the digits study's keys."""
+    keep = ("data", "model", "encoder", "projector_dim", "features", "budget_steps", "points", "warmup_fractions", "stop_fraction",
             "stop_warmup", "num_samples", "sampler", "sample_steps", "cfg_scale", "eval_seed")
     d = {k: getattr(cfg, k) for k in keep}
     d["warmup_fractions"] = list(d["warmup_fractions"])
+    if data_kind(cfg.data) != "digits":
+        d.update(fid_network="inception" if cfg.inception else None, batch_size=cfg.batch_size)
     return d
 
 
-__all__ = ["Arm", "QUICK", "StudyConfig", "check_config", "selected_arms", "study_arms", "study_config",
+__all__ = ["Arm", "QUICK", "StudyConfig", "check_config", "data_kind", "dataset_preset", "selected_arms", "study_arms", "study_config",
            "study_settings"]

@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..data.digits import is_digits
 from .config import Arm, StudyConfig
 from .plan import RunPlan, compute_at, mean_std
 
@@ -122,7 +123,9 @@ def train_config(cfg: StudyConfig, method: str, **kw):
     from ..engine import TrainConfig
 
     return TrainConfig(method=method, model=cfg.model, projector_dim=cfg.projector_dim, encoder=cfg.encoder,
-                       features=cfg.features if method != "vanilla" else "online", **shared_architecture(cfg), **kw)
+                       features=cfg.features if method != "vanilla" else "online", data=cfg.data,
+                       encoder_path=cfg.encoder_path, **({"batch_size": cfg.batch_size} if cfg.batch_size else {}),
+                       **shared_architecture(cfg), **kw)
 
 
 def probe_flops(cfg: StudyConfig) -> Dict[str, float]:
@@ -183,26 +186,56 @@ def extraction_seconds(folder: str) -> float:
 
 
 @lru_cache(maxsize=2)
-def _encoder_space(name: str, digits: Tuple[int, ...] = tuple(range(10))):
-    """(feature network, reference (mu, sigma) of the embedded images of ``digits``) of ``fd_<name>``."""
-    from ..data.digits import load_digits
+def reference_images(data: str, digits: Tuple[int, ...] = tuple(range(10))) -> torch.Tensor:
+    """The images every FD of the study is measured against, float (N, C, H, W) in [-1, 1]: the
+    embedded digits of ``digits`` (all 1,797 by default; a digits:5-9 run's own), or every image of the
+    folder at the trainer's resolution."""
+    if is_digits(data):
+        from ..data.digits import load_digits
+
+        x, y = load_digits(16)
+        return x if len(digits) == 10 else x[torch.isin(y, torch.tensor(digits))]
+    from .config import folder_data
+
+    return folder_data(data).images.float() / 127.5 - 1.0
+
+
+@lru_cache(maxsize=2)
+def _encoder_space(name: str, data: str = "digits", path: Optional[str] = None,
+                   digits: Tuple[int, ...] = tuple(range(10))):
+    """(feature network, reference (mu, sigma) of the reference images) of ``fd_<name>``; DINOv2 at its
+    default 224-px input, as Stein et al. feed it."""
     from ..encoders import build_encoder
     from ..metrics import EncoderFeatures, encoder_fd_stats
 
-    enc = build_encoder(name)
-    x, y = load_digits(16)
-    return EncoderFeatures(enc), encoder_fd_stats(enc, x[torch.isin(y, torch.tensor(digits))])
+    enc = build_encoder(name, **({"path": path} if path else {}))
+    return EncoderFeatures(enc), encoder_fd_stats(enc, reference_images(data, digits))
 
 
-def evaluate_checkpoint(cfg: StudyConfig, path: str, ref_stats, extra_seconds: float = 0.0) -> dict:
-    """FID, classifier accuracy and ``fd_<encoder>`` (the FD in the target encoder's space) of the
-    checkpoint's EMA model, class k scored as the digit its class name says (a digits:5-9 run's class 0
-    is a 5; the FD reference holds the run's digits only); ``seconds``: its training wall clock
-    (extraction and warmup included). The encoder: ``cfg.encoder``, else the run's own."""
+@lru_cache(maxsize=2)
+def fid_space(data: str, inception: Optional[str], digits: Tuple[int, ...] = tuple(range(10))):
+    """(FID feature network, reference (mu, sigma)), or (None, None) without one: the digits classifier
+    against the embedded digits of ``digits``, or a local Inception file against the folder's images."""
+    from ..metrics import digits_reference_stats, feature_stats, compute_features, get_feature_network
+
+    if is_digits(data):
+        return get_feature_network("digits"), digits_reference_stats(digits=digits)
+    if not inception:
+        return None, None
+    net = get_feature_network("inception", inception)
+    return net, feature_stats(compute_features(reference_images(data), net))
+
+
+def evaluate_checkpoint(cfg, path: str, extra_seconds: float = 0.0) -> dict:
+    """FID (None off the digits without an Inception file), classifier accuracy (digits only) and
+    ``fd_<encoder>`` (the FD in the target encoder's space) of the checkpoint's EMA model; on the digits
+    class k is scored as the digit its class name says (a digits:5-9 run's class 0 is a 5) and both
+    references hold the run's digits only; ``seconds``: its training wall clock (extraction and warmup
+    included). ``cfg``: a StudyConfig (or the reuse study's settings: digits, the run's own encoder
+    when ``cfg.encoder`` is None)."""
     from ..data.digits import class_digits
     from ..engine.checkpoint import read_training_checkpoint
-    from ..metrics import (classifier_accuracy, compute_features, fd_name, feature_stats, frechet_distance,
-                           get_feature_network)
+    from ..metrics import classifier_accuracy, compute_features, fd_name, feature_stats, frechet_distance
     from ..models.checkpoint import load_checkpoint
     from ..sampling.generate import generate
 
@@ -212,17 +245,20 @@ def evaluate_checkpoint(cfg: StudyConfig, path: str, ref_stats, extra_seconds: f
     arr, labels = generate(model, range(cfg.num_samples), shape, list(range(model.num_classes)), seed=cfg.eval_seed,
                            sampler=cfg.sampler, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
                            batch_size=cfg.eval_batch)
-    net = get_feature_network("digits")
-    mu, sigma = feature_stats(compute_features(arr, net))
     wc = ckpt.get("warmup_cost") or {}
     seconds = float(ckpt.get("phase_seconds", 0.0)) + extra_seconds + \
         (float(wc.get("seconds", 0.0)) if ckpt["phase"] == "train" else 0.0)
-    digits = tuple(class_digits(ckpt["args"].get("class_names")))
+    data = getattr(cfg, "data", "digits")
+    digits = tuple(class_digits(ckpt["args"].get("class_names"))) if is_digits(data) else tuple(range(10))
     encoder = cfg.encoder or ckpt["args"]["encoder"]
-    enc_net, enc_ref = _encoder_space(encoder, digits)
+    enc_net, enc_ref = _encoder_space(encoder, data, getattr(cfg, "encoder_path", None), digits)
     fd = frechet_distance(*feature_stats(compute_features(arr, enc_net)), *enc_ref)
-    return {"fid": frechet_distance(mu, sigma, *ref_stats), fd_name(encoder): fd,
-            "accuracy": classifier_accuracy(arr, np.asarray(digits)[labels], net), "seconds": seconds}
+    net, ref_stats = fid_space(data, getattr(cfg, "inception", None), digits)
+    fid = frechet_distance(*feature_stats(compute_features(arr, net)), *ref_stats) if net is not None else None
+    out = {"fid": fid, fd_name(encoder): fd}
+    if is_digits(data):
+        out["accuracy"] = classifier_accuracy(arr, np.asarray(digits)[labels], net)
+    return {**out, "seconds": seconds}
 
 
 def warmup_fit(cfg: StudyConfig, plan: RunPlan, folder: str) -> Optional[dict]:
@@ -238,8 +274,15 @@ def warmup_fit(cfg: StudyConfig, plan: RunPlan, folder: str) -> Optional[dict]:
     path = os.path.join(folder, "fit.json")
     if os.path.exists(path):
         return json.load(open(path))
-    res = probe_checkpoint(checkpoint_path(folder, plan.warmup_steps), data="digits", encoder=cfg.encoder,
-                           noise_levels=())
+    num_images = 256
+    if cfg.data != "digits":
+        from .config import folder_size
+
+        num_images = min(num_images, folder_size(cfg.data))
+        if num_images < 12:  # the probe's topk 10 needs more images: no fit for a folder this small
+            return None
+    res = probe_checkpoint(checkpoint_path(folder, plan.warmup_steps), data=cfg.data, encoder=cfg.encoder,
+                           encoder_path=cfg.encoder_path, noise_levels=(), num_images=num_images)
     block = res["aligned_block"]
     fit = dict(arm=plan.arm, step=plan.warmup_steps, encoder=res["encoder"], aligned_block=block,
                num_images=res["num_images"], topk=res["topk"], cknna=res["blocks"][block]["cknna"][0.0])
@@ -250,28 +293,25 @@ def warmup_fit(cfg: StudyConfig, plan: RunPlan, folder: str) -> Optional[dict]:
 
 def evaluate_run(cfg: StudyConfig, plan: RunPlan, seed: int, flops: Dict[str, float], folder: str) -> List[dict]:
     """Evaluate the run's planned checkpoints that ``<run>/evals.jsonl`` does not hold yet; returns all."""
-    from ..data.digits import class_digits
     from ..engine.checkpoint import checkpoint_path
-    from ..metrics import digits_reference_stats, fd_name
+    from ..metrics import fd_name
 
     path = os.path.join(folder, "evals.jsonl")
     have = {r["step"]: r for r in read_jsonl(path)}
     todo = [k for k in plan.eval_steps if k not in have]
-    if todo:  # the reference: the digits the run trained on (its config.json's class names)
-        with open(os.path.join(folder, "config.json")) as f:
-            names = json.load(f).get("class_names")
-        ref, extra = digits_reference_stats(digits=class_digits(names)), extraction_seconds(folder)
+    extra = extraction_seconds(folder) if todo else 0.0
     for k in todo:
         t0 = time.time()
-        ev = evaluate_checkpoint(cfg, checkpoint_path(folder, k), ref, extra)
+        ev = evaluate_checkpoint(cfg, checkpoint_path(folder, k), extra)
         rec = dict(arm=plan.arm, seed=seed, step=k, fraction=plan.eval_fractions[plan.eval_steps.index(k)],
                    flops=compute_at(flops, plan, k), **ev, eval_seconds=time.time() - t0)
         with open(path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         have[k] = rec
-        say(f"    {plan.arm} seed {seed} at {rec['fraction'] * 100:.0f}% of the budget (step {k}): FID {ev['fid']:.2f}, "
-            f"{fd_name(cfg.encoder)} {ev[fd_name(cfg.encoder)]:.3g}, accuracy {ev['accuracy'] * 100:.1f}% "
-            f"({rec['eval_seconds']:.0f} s to evaluate)")
+        fid = "n/a" if ev["fid"] is None else f"{ev['fid']:.2f}"
+        acc = f", accuracy {ev['accuracy'] * 100:.1f}%" if "accuracy" in ev else ""
+        say(f"    {plan.arm} seed {seed} at {rec['fraction'] * 100:.0f}% of the budget (step {k}): FID {fid}, "
+            f"{fd_name(cfg.encoder)} {ev[fd_name(cfg.encoder)]:.3g}{acc} ({rec['eval_seconds']:.0f} s to evaluate)")
     return [have[k] for k in plan.eval_steps]
 
 
@@ -310,12 +350,13 @@ def _failed(cfg: StudyConfig, job: Job, e: BaseException) -> StudyError:
 
 
 def _finished_line(i: int, n: int, job: Job, out: dict, t_start: float) -> str:
-    recs = out["records"]
-    fid = " → ".join(f"{r['fid']:.2f}" for r in recs)
+    recs, key = out["records"], "fid" if out["records"] and out["records"][0]["fid"] is not None else None
+    key = key or next((k for k in (recs[0] if recs else {}) if k.startswith("fd_")), "fid")
+    fid = f"{'FID' if key == 'fid' else key} " + " → ".join(format(r[key], ".2f" if key == "fid" else ".3g") for r in recs)
     el = (time.time() - t_start) / 60
     fit = f"; CKNNA after the warmup {out['fit']['cknna']:.3f}" if out.get("fit") else ""
     return (f"[{i}/{n}] {job.arm.name} seed {job.seed} done: trained in {out['train_wall']:.0f} s, evaluated in "
-            f"{out['eval_wall']:.0f} s; FID {fid}{fit} ({el:.1f} min so far, ~{el / i * (n - i):.1f} min left)")
+            f"{out['eval_wall']:.0f} s; {fid}{fit} ({el:.1f} min so far, ~{el / i * (n - i):.1f} min left)")
 
 
 def run_jobs(cfg: StudyConfig, jobs: Sequence[Job], flops: Dict[str, float]) -> None:
@@ -418,9 +459,11 @@ def seeds_in(cfg: StudyConfig) -> List[int]:
     return sorted(seeds)
 
 
-def data_floor(cfg: StudyConfig, repeats: int = 3) -> Tuple[float, float]:
+def data_floor(cfg: StudyConfig, repeats: int = 3) -> Optional[Tuple[float, float]]:
     """FID of ``num_samples`` real digits (random subsets) against the reference: the best a model can
-    score with this many samples."""
+    score with this many samples (None off the digits)."""
+    if cfg.data != "digits":
+        return None
     from ..data.digits import load_digits
     from ..metrics import (compute_features, digits_reference_stats, feature_stats, frechet_distance,
                            get_feature_network)

@@ -137,7 +137,7 @@ def curve(results: List[dict], arm: str, seed: int) -> List[dict]:
 
 
 def compute_ratios(results: List[dict], budget: float, seeds: Sequence[int], arm: str, target_of: str,
-                   reference: str = "repa") -> List[dict]:
+                   reference: str = "repa", key: str = "fid") -> List[dict]:
     """Per seed: the share of the budget ``arm`` needs to reach ``target_of``'s final FID (same seed),
     in FLOPs, and in seconds over ``reference``'s total seconds."""
     rows = []
@@ -146,9 +146,9 @@ def compute_ratios(results: List[dict], budget: float, seeds: Sequence[int], arm
         if not c or not t or t[-1]["fraction"] != 1.0:  # the target is the final FID (the end of the budget)
             continue
         ref = ref if ref and ref[-1]["fraction"] == 1.0 else []
-        target = t[-1]["fid"]
-        x, kind = crossing([r["flops"] for r in c], [r["fid"] for r in c], target)
-        sec, _ = crossing([r["seconds"] for r in c], [r["fid"] for r in c], target)
+        target = t[-1][key]
+        x, kind = crossing([r["flops"] for r in c], [r[key] for r in c], target)
+        sec, _ = crossing([r["seconds"] for r in c], [r[key] for r in c], target)
         rows.append(dict(seed=s, target_fid=target, kind=kind, flops=x, ratio=(x / budget if x is not None else None),
                          seconds_ratio=(sec / ref[-1]["seconds"] if sec is not None and ref else None),
                          seconds_ratio_na=not ref))  # no finished reference run: no seconds to compare with
@@ -205,7 +205,8 @@ def _round_up(v: float, digits: int = 3) -> float:
     return float(f"{math.ceil(v / unit - 1e-9) * unit:.{digits}g}")
 
 
-def reach_rows(results: List[dict], budget: float, seeds: Sequence[int], arm: str, target: float) -> List[dict]:
+def reach_rows(results: List[dict], budget: float, seeds: Sequence[int], arm: str, target: float,
+               key: str = "fid") -> List[dict]:
     """Per seed that evaluated ``arm``: the compute (share of the budget, FLOPs) and training seconds at
     which its FID curve first reaches ``target`` (interpolated between evaluations; ``kind``
     "at_first" / "interpolated" / "not_reached": never extrapolated past the last evaluation)."""
@@ -214,8 +215,8 @@ def reach_rows(results: List[dict], budget: float, seeds: Sequence[int], arm: st
         c = curve(results, arm, s)
         if not c:
             continue
-        x, kind = crossing([r["flops"] for r in c], [r["fid"] for r in c], target)
-        sec, _ = crossing([r["seconds"] for r in c], [r["fid"] for r in c], target)
+        x, kind = crossing([r["flops"] for r in c], [r[key] for r in c], target)
+        sec, _ = crossing([r["seconds"] for r in c], [r[key] for r in c], target)
         rows.append(dict(seed=s, target_fid=target, kind=kind, flops=x,
                          ratio=(x / budget if x is not None else None), seconds=sec))
     return rows

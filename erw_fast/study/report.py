@@ -70,19 +70,21 @@ def _sweep_panel(ax, results, study):
     seeds = study["seeds"]
     xs, means, lo, hi = [], [], [], []
     for name in sweep:
-        f = [r["fid"] for r in finals(results, name, seeds)]
+        f = [r[study.get("metric", "fid")] for r in finals(results, name, seeds)]
         if f:
             xs.append(study["arms"][name]["warmup"] * 100)
             means.append(np.mean(f))
             lo.append(np.mean(f) - min(f))
             hi.append(max(f) - np.mean(f))
     if xs:
-        ax.errorbar(xs, means, yerr=[lo, hi], marker="o", color="#d62728", capsize=3, label="ERW final FID (min–max)")
+        ax.errorbar(xs, means, yerr=[lo, hi], marker="o", color="#d62728", capsize=3,
+                    label=relabel("ERW final FID (min–max)", study))
     for ref, st in (("repa", dict(color="#1f77b4")), ("vanilla", dict(color="#7f7f7f"))):
-        f = [r["fid"] for r in finals(results, ref, seeds)]
+        f = [r[study.get("metric", "fid")] for r in finals(results, ref, seeds)]
         if f:
-            ax.axhline(np.mean(f), ls=":", label=f"{study['arms'][ref]['label']} final FID", **st)
-    ax.set(xlabel="ERW warmup share of the budget (%)", ylabel="final FID", title="warmup sweep at equal compute")
+            ax.axhline(np.mean(f), ls=":", label=relabel(f"{study['arms'][ref]['label']} final FID", study), **st)
+    ax.set(xlabel="ERW warmup share of the budget (%)", ylabel=relabel("final FID", study),
+           title="warmup sweep at equal compute")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
 
@@ -95,10 +97,13 @@ def write_plot(path: str, results: List[dict], study: dict) -> str:
 
     fig, axes = plt.subplots(2, 3, figsize=(17, 8.5), dpi=100)
     main, sweep, fd = study["main_arms"], ["vanilla", "repa"] + list(study["sweep"]), study["fd_key"]
-    _curve_panel(axes[0, 0], results, study, main, "fid", 1.0)
-    axes[0, 0].set(ylabel="FID (digits classifier features)", title="FID vs compute (lower is better)", yscale="log")
-    _curve_panel(axes[0, 1], results, study, sweep, "fid", 1.0)
-    axes[0, 1].set(ylabel="FID (digits classifier features)", title="FID: ERW's warmup share", yscale="log")
+    m = study.get("metric", "fid")
+    net = {"digits classifier": "FID (digits classifier features)", "Inception": "FID (Inception features)"}.get(
+        study.get("fid_network", "digits classifier"), f"{fd} (no FID network)")
+    _curve_panel(axes[0, 0], results, study, main, m, 1.0)
+    axes[0, 0].set(ylabel=net, title=relabel("FID vs compute (lower is better)", study), yscale="log")
+    _curve_panel(axes[0, 1], results, study, sweep, m, 1.0)
+    axes[0, 1].set(ylabel=net, title=relabel("FID: ERW's warmup share", study), yscale="log")
     _curve_panel(axes[0, 2], results, study, main, "accuracy", 100.0)
     axes[0, 2].set(ylabel="classifier accuracy (%)", title="samples read as the requested digit")
     _curve_panel(axes[1, 0], results, study, main, fd, 1.0)
@@ -147,13 +152,12 @@ def _head(study: dict) -> List[str]:
             "and evaluations.\n"]
 
 
-def _setup(study: dict) -> List[str]:
+def _model_lines(study: dict, data_desc: str) -> List[str]:
     s, f, budget = study["settings"], study["flops"], study["budget"]
     per = lambda v: f"{v / 1e9:.2f} GFLOP"  # noqa: E731
-    L = ["## Setup\n",
-         f"- Model `{s['model']}` ({study['model_desc']}), warmup region L = {study['l2r_depth']} block(s), "
-         f"alignment at block {study['encoder_depth']}, projector width {s['projector_dim']}; the same data (1,797 "
-         "embedded digits, 16×16), batch, lr, EMA and seeds for every arm.",
+    L = [f"- Model `{s['model']}` ({study['model_desc']}), warmup region L = {study['l2r_depth']} block(s), "
+         f"alignment at block {study['encoder_depth']}, projector width {s['projector_dim']}; the same data "
+         f"({data_desc}), batch, lr, EMA and seeds for every arm.",
          f"- One architecture for every arm, on purpose: RoPE {'on' if study.get('rope', True) else 'off'}, the "
          f"alignment at block {study['encoder_depth']} and λ0 {study.get('lambda0', 1.0):g} (ERW's values for this "
          "size) also for REPA and vanilla SiT, so that the arms differ only in their training recipe. `--method "
@@ -174,6 +178,12 @@ def _setup(study: dict) -> List[str]:
         full = str(p["steps"]) if p["align_until"] is None else f"{p['steps']} ({p['align_until']} + " \
                                                                    f"{p['steps'] - p['align_until']})"
         L.append(f"| {a['label']} | {a['lam']} | {p['warmup_steps']} | {full} | {', '.join(map(str, p['eval_steps']))} |")
+    return L
+
+
+def _setup(study: dict) -> List[str]:
+    s = study["settings"]
+    L = ["## Setup\n"] + _model_lines(study, "1,797 embedded digits, 16×16")
     fl, fs = study["floor"]
     L += ["", f"- Evaluation: EMA weights, {s['num_samples']} samples per checkpoint ({s['sampler']}, "
           f"{s['sample_steps']} steps, guidance {s['cfg_scale']:g}; the same per-index noise and balanced classes "
@@ -184,6 +194,22 @@ def _setup(study: dict) -> List[str]:
           "FD_DINOv2 is for DINOv2 — the aligned arms were trained towards that space and may be favoured by it, "
           "so the independent classifier's FID stands beside it.",
           f"- Floor: {s['num_samples']} *real* digits score FID {fl:.2f} ± {fs:.2f} against the same reference.\n"]
+    return L
+
+
+def _setup_other(study: dict) -> List[str]:
+    """The setup of a study on an image folder: FID from a local Inception file, or none."""
+    s, fd = study["settings"], study["fd_key"]
+    L = ["## Setup\n"] + _model_lines(study, f"the images of `{study['data']}`")
+    fid = ("FID in the feature space of the local Inception file against every image of the folder" if
+           study.get("fid_network") else "**no FID**: no Inception file was given (`--inception`), so FID is null and "
+           f"the speed figure, the targets τ and the verdict use `{fd}` instead")
+    L += ["", f"- Evaluation: EMA weights, {s['num_samples']} samples per checkpoint ({s['sampler']}, "
+          f"{s['sample_steps']} steps, guidance {s['cfg_scale']:g}; the same per-index noise and balanced classes for "
+          f"every checkpoint). {fid}. `{fd}`: the Fréchet distance against every image of the folder in the target "
+          "encoder's space (DINOv2: its CLS token, as FD_DINOv2 of Stein et al. / EDM2; "
+          "`erw_fast.metrics.EncoderFeatures`) — the aligned arms were trained towards that space and may be "
+          "favoured by it.\n"]
     return L
 
 
@@ -224,7 +250,7 @@ def _ratio_table(results: List[dict], study: dict) -> List[str]:
             if target not in study["present"] or name == target:
                 cells += ["–", "–"]
                 continue
-            rows = compute_ratios(results, budget, seeds, name, target)
+            rows = compute_ratios(results, budget, seeds, name, target, key=study.get("metric", "fid"))
             cells += [format_ratio(rows), format_ratio(rows, "seconds_ratio")]
         L.append(f"| {arms[name]['label']} | " + " | ".join(cells) + " |")
     return L + [""]
@@ -245,7 +271,7 @@ def _targets_table(results: List[dict], study: dict) -> List[str]:
     for name in study["present"]:
         cells = []
         for t in targets:
-            rows = reach_rows(results, budget, seeds, name, t)
+            rows = reach_rows(results, budget, seeds, name, t, study.get("metric", "fid"))
             cells += [format_ratio(rows), format_ratio(rows, "seconds", "{:.0f}")]
         L.append(f"| {arms[name]['label']} | " + " | ".join(cells) + " |")
     return L + [""]
@@ -253,7 +279,8 @@ def _targets_table(results: List[dict], study: dict) -> List[str]:
 
 def _best_warmup(results: List[dict], study: dict):
     """The ERW sweep arm with the lowest mean final FID (None without one)."""
-    fins = {n: [r["fid"] for r in finals(results, n, study["seeds"])] for n in study["sweep"] if n in study["present"]}
+    m = study.get("metric", "fid")
+    fins = {n: [r[m] for r in finals(results, n, study["seeds"])] for n in study["sweep"] if n in study["present"]}
     fins = {n: np.mean(v) for n, v in fins.items() if v}
     return min(fins, key=fins.get) if fins else None
 
@@ -271,7 +298,8 @@ def verdict(results: List[dict], study: dict) -> dict:
     fits = [f["cknna"] for f in study.get("fits", {}).get(best, {}).values()]
     out["fit"] = _pm(fits, "{:.3f}") if fits else "n/a"
     for t in sorted(study["fid_targets"]) if "repa" in study["present"] else []:  # the lowest both reach in every seed
-        mine, ref = reach_rows(results, budget, seeds, best, t), reach_rows(results, budget, seeds, "repa", t)
+        m = study.get("metric", "fid")
+        mine, ref = reach_rows(results, budget, seeds, best, t, m), reach_rows(results, budget, seeds, "repa", t, m)
         rel = relative_rows(mine, ref)
         if rel and len(rel) == len(mine) == len(ref):
             out.update(target=t, ratio=format_ratio(rel).replace("**", ""))
@@ -283,19 +311,30 @@ def verdict(results: List[dict], study: dict) -> dict:
                 f"{', '.join(f'{t:g}' for t in study['fid_targets']) or '(none)'} together in every seed")
     else:
         head = f"ERW (warmup {share}) reached FID {out['target']:g} with {out['ratio']} of REPA's compute (warmup counted)"
-    out["line"] = (f"on this data {head}; best warmup share {share}; the target encoder's fit (CKNNA at the aligned "
-                   f"block after the warmup) {out['fit']}")
+    out["line"] = relabel(f"on this data {head}; best warmup share {share}; the target encoder's fit (CKNNA at the "
+                          f"aligned block after the warmup) {out['fit']}", study)
     return out
+
+
+def relabel(text: str, study: dict) -> str:
+    """The report's words for the speed metric: "FID", or, in a study without an FID network (an image
+    folder without --inception), the name of the FD in the target encoder's space that stands in for it."""
+    m = study.get("metric", "fid")
+    return text if m == "fid" else text.replace("FID", m)
 
 
 def _verdict_block(results: List[dict], study: dict) -> List[str]:
     v = verdict(results, study)
     return ["## Verdict\n", v["line"] + ".\n",
-            f"Best warmup share: the ERW sweep arm with the lowest mean final FID; τ: the lowest of the targets above "
-            f"that it and REPA reach in every seed; the ratio per seed is its FLOPs to τ over REPA's (same seed). The "
-            f"fit: CKNNA ({study['encoder']}, {study['fit_desc']}) of the arm's end-of-warmup checkpoint. "
+            relabel("Best warmup share: the ERW sweep arm with the lowest mean final FID; τ: the lowest of the targets "
+                    "above that it and REPA reach in every seed; the ratio per seed is its FLOPs to τ over REPA's (same "
+                    "seed). ", study) + f"The fit: CKNNA ({study['encoder']}, {study['fit_desc']}) of the arm's end-of-warmup checkpoint. "
             f"{study['fd_key']} is measured in the space of the encoder the aligned arms were trained towards and "
-            "may favour them; the FID beside it comes from the independent digits classifier.\n"]
+            "may favour them; " + {"digits classifier": "the FID beside it comes from the independent digits "
+                                    "classifier.\n", "Inception": "the FID beside it comes from the independent "
+                                    "Inception network.\n"}.get(study.get("fid_network", "digits classifier"),
+                                                                 "no independent network scored this study (no "
+                                                                 "--inception), so read it with that caution.\n")]
 
 
 def _sweep_table(results: List[dict], study: dict) -> List[str]:
@@ -306,15 +345,16 @@ def _sweep_table(results: List[dict], study: dict) -> List[str]:
     L = ["## How long should the warmup be?\n",
          "| warmup share | warmup steps | final FID | accuracy % | to REPA's final FID (FLOPs) | run seconds |",
          "|---|---|---|---|---|---|"]
-    best_fid, best_reach = {}, {}
+    best_fid, best_reach, m = {}, {}, study.get("metric", "fid")
     for name in sweep:
         fin = finals(results, name, seeds)
-        rows = compute_ratios(results, budget, seeds, name, "repa") if "repa" in study["present"] else []
+        rows = compute_ratios(results, budget, seeds, name, "repa", key=m) if "repa" in study["present"] else []
         got = [r["ratio"] for r in rows if r["ratio"] is not None]
-        best_fid[name] = np.mean([r["fid"] for r in fin])
+        best_fid[name] = np.mean([r[m] for r in fin])
         best_reach[name] = (len(rows) - len(got), np.mean(got) if got else np.inf)
+        acc = _pm([r['accuracy'] * 100 for r in fin], '{:.1f}') if all("accuracy" in r for r in fin) else "–"
         L.append(f"| {arms[name]['warmup'] * 100:g}% | {study['plans'][name]['warmup_steps']} | "
-                 f"{_pm([r['fid'] for r in fin])} | {_pm([r['accuracy'] * 100 for r in fin], '{:.1f}')} | "
+                 f"{_pm([r[m] for r in fin])} | {acc} | "
                  f"{format_ratio(rows) if rows else '–'} | {_pm([r['seconds'] for r in fin], '{:.0f}')} |")
     by_fid = min(best_fid, key=best_fid.get)
     by_reach = min(best_reach, key=best_reach.get)
@@ -323,7 +363,7 @@ def _sweep_table(results: List[dict], study: dict) -> List[str]:
     per_seed = []
     for s in seeds:
         f = {n: finals(results, n, [s]) for n in sweep}
-        f = {n: v[0]["fid"] for n, v in f.items() if v}
+        f = {n: v[0][m] for n, v in f.items() if v}
         if f:
             per_seed.append(f"seed {s}: {arms[min(f, key=f.get)]['warmup'] * 100:g}%")
     L += ["", f"Compute-optimal warmup share, by mean final FID: **{arms[by_fid]['warmup'] * 100:g}%** (best per seed: "
@@ -345,8 +385,9 @@ def _per_seed_table(results: List[dict], study: dict) -> List[str]:
             al = f"{lo['align']:.3f}" if lo and study["arms"][name]["method"] != "vanilla" and \
                 study["arms"][name]["stop"] is None else "–"
             fd, fit = cv[-1].get(study["fd_key"]), study.get("fits", {}).get(name, {}).get(str(s))
-            L.append(f"| {study['arms'][name]['label']} | {s} | {cv[-1]['fid']:.2f} | "
-                     f"{'–' if fd is None else format(fd, '.3g')} | {cv[-1]['accuracy'] * 100:.1f} | "
+            fid, acc = cv[-1]["fid"], cv[-1].get("accuracy")
+            L.append(f"| {study['arms'][name]['label']} | {s} | {'–' if fid is None else format(fid, '.2f')} | "
+                     f"{'–' if fd is None else format(fd, '.3g')} | {'–' if acc is None else format(acc * 100, '.1f')} | "
                      f"{cv[-1]['seconds']:.0f} | {lo.get('velocity', float('nan')):.4f} | {al} | "
                      f"{'–' if not fit else format(fit['cknna'], '.3f')} |")
     return L + ["", "Losses: mean of the single-batch values logged in the last 10% of full training. Seconds: the "
@@ -354,12 +395,13 @@ def _per_seed_table(results: List[dict], study: dict) -> List[str]:
 
 
 def write_doc(path: str, results: List[dict], study: dict) -> str:
-    L = _head(study) + _setup(study)
+    L = _head(study) + (_setup(study) if study.get("data", "digits") == "digits" else _setup_other(study))
     if study["config"]["plot"]:
         rel = os.path.relpath(study["config"]["plot"], os.path.dirname(os.path.abspath(path)) or ".")
         L.append(f"![FID and accuracy against training compute, and the warmup sweep]({rel})\n")
-    L += ["## Results\n"] + _by_fraction_tables(results, study) + _targets_table(results, study)
-    L += _ratio_table(results, study) + _sweep_table(results, study) + _per_seed_table(results, study)
+    R = _targets_table(results, study) + _ratio_table(results, study) + _sweep_table(results, study)
+    L += ["## Results\n"] + _by_fraction_tables(results, study) + [relabel(line, study) for line in R]
+    L += _per_seed_table(results, study)
     L += ["## Notes\n", _keep_notes(path), ""] + _verdict_block(results, study)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
