@@ -160,3 +160,20 @@ def test_damaged_args_in_a_checkpoint_name_the_file_and_key(run_copy, capsys, ar
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and path in err[0] and named in err[0], err
     assert snapshot(run_copy) == before
+
+
+def test_precision_given_again_keeps_the_runs_fp8_recipe():
+    """``--resume --precision fp8`` on a rowwise fp8 run is the run's own precision: its recipe stays
+    (a new precision brings its own recipe; the same one changes nothing)."""
+    from erw_fast.engine.checkpoint import resume_config
+
+    args = TrainConfig(out="r", precision="fp8", fp8_recipe="rowwise").to_dict()
+    same = resume_config(TrainConfig(out="r", resume="auto", precision="fp8", given=("out", "precision", "resume")),
+                         args)
+    assert same.fp8_recipe == "rowwise"
+    other = resume_config(TrainConfig(out="r", resume="auto", precision="bf16", given=("out", "precision", "resume")),
+                          args)
+    assert (other.precision, other.fp8_recipe) == ("bf16", None)
+    asked = resume_config(TrainConfig(out="r", resume="auto", precision="fp8", fp8_recipe="tensorwise",
+                                      given=("fp8_recipe", "out", "precision", "resume")), args)
+    assert asked.fp8_recipe == "tensorwise"
