@@ -157,12 +157,15 @@ def check_not_run_file(path: str, flag: str, example: str = "sampled.npz"):
 
 def output_lock(outputs, what: str):
     """For a command writing the files ``outputs`` ((path or None, flag, example name) triples): refuse a
-    training run's own files, and lock the first output's folder while the command runs (a no-op
+    training run's own files and paths that cannot be written (``utils.cli.check_writable``), and lock the first output's folder while the command runs (a no-op
     without outputs)."""
     import contextlib
 
+    from .cli import check_writable
+
     paths = [(p, flag, example) for p, flag, example in outputs if p]
     for p, flag, example in paths:
+        check_writable(p, flag)  # before the lock makes the folder: one line naming the flag, not a traceback
         check_not_run_file(p, flag, example)
     if not paths:
         return contextlib.nullcontext()
