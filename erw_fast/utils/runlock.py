@@ -156,9 +156,9 @@ def check_not_run_file(path: str, flag: str, example: str = "sampled.npz"):
 
 
 def output_lock(outputs, what: str):
-    """For a command writing the files ``outputs`` ((path or None, flag, example name) triples): refuse a
-    training run's own files and paths that cannot be written (``utils.cli.check_writable``), and lock the first output's folder while the command runs (a no-op
-    without outputs)."""
+    """For a command writing the files ``outputs`` ((path or None, flag, example name) triples): refuse
+    paths that cannot be written (``utils.cli.check_writable``) and a training run's own files, and lock
+    the first output's folder while the command runs (a no-op without outputs)."""
     import contextlib
 
     from .cli import check_writable
