@@ -52,16 +52,9 @@ from typing import List, Optional, Tuple
 
 from .study import run_study, study_config
 from .study.config import QUICK, StudyConfig
-from .utils.cli import add_debug_flag, preset_flags, run_cli
+from .utils.cli import add_debug_flag, int_list, preset_flags, run_cli
 
 __all__ = ["build_parser", "main"]
-
-
-def _ints(text: str) -> Tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _shares(text: str) -> Tuple[float, ...]:
@@ -130,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", type=_names, help="comma-separated subset of the arms to run now (default all; with the "
                    "default shares: vanilla, repa, repa-stop, erw-w05, erw-w10, erw-w20, erw-w40, erw-w10-stop, "
                    "erw-nowarmup; erw-wNN follows --warmup-fractions); the report covers every arm evaluated in --out")
-    p.add_argument("--seeds", type=_ints, help="comma-separated training seeds (default 0,1,2; --quick 0)")
+    p.add_argument("--seeds", type=int_list, help="comma-separated training seeds (default 0,1,2; --quick 0)")
     p.add_argument("--plan", dest="plan_only", action="store_true", help="print the plan (FLOPs per step, every "
                    "arm's steps and evaluation points) and stop; nothing is written")
     _run_group(p, d)

@@ -33,7 +33,7 @@ import json
 import sys
 
 from .evaluation.samples import evaluate
-from .utils.cli import add_debug_flag, check_writable, run_cli
+from .utils.cli import add_debug_flag, run_cli
 from .utils.runlock import output_lock
 
 
@@ -75,8 +75,6 @@ def main(argv=None) -> dict:
     """Run the CLI; errors are raised (``python -m`` turns them into one ``error:`` line, see
     :func:`erw_fast.utils.cli.run_cli`)."""
     a = build_parser().parse_args(argv)
-    if a.json_out:
-        check_writable(a.json_out, "--json-out")  # before the sampling and scoring, not after
     with output_lock([(a.json_out, "--json-out", "eval.json"), (a.save_npz, "--save-npz", "eval-samples.npz")],
                      "evaluate"):
         return _run(a)

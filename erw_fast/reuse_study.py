@@ -19,14 +19,7 @@ import sys
 from typing import List, Optional
 
 from .study.reuse import QUICK, ReuseConfig, reuse_config, run_reuse_study
-from .utils.cli import add_debug_flag, preset_flags, run_cli
-
-
-def _ints(text: str):
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+from .utils.cli import add_debug_flag, int_list, preset_flags, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"batch {QUICK['batch_size']}, {QUICK['num_samples']} samples (out {QUICK['out']})")
     p.add_argument("--out", help=f"folder for the runs (default {d.out}); rerunning continues it")
     p.add_argument("--doc", help="markdown report to write (default <out>/reuse.md; '' = none)")
-    p.add_argument("--seeds", type=_ints, help="comma-separated training seeds (default 0,1,2)")
+    p.add_argument("--seeds", type=int_list, help="comma-separated training seeds (default 0,1,2)")
     p.add_argument("--plan", dest="plan_only", action="store_true", help="print the plan and stop; nothing is written")
     g = p.add_argument_group("the runs (changing one needs another --out)")
     g.add_argument("--first", help=f"the foundation's data (default {d.first})")

@@ -39,14 +39,15 @@ def _fused(v: str):
 def _method_flags(g, d, t):
     """The "method" flags."""
     g.add_argument("--method", default="erw", help="erw (warmup + transfer + full training with decaying λ), "
-                   "repa (REPA's recipe: constant λ 0.5 from scratch, alignment at a third of the depth — block 4 of "
-                   "S/B, 8 of L/XL —, no RoPE), vanilla (SiT: velocity loss only, no RoPE) or erw-nowarmup (control: "
-                   "ERW's decaying λ and settings without the warmup). Each method takes its own per-size defaults "
-                   "(erw_fast/method/recipes.py); the flags below override them. Default: erw")
+                   "repa (REPA's recipe: constant λ 0.5 from scratch, alignment at a third of the depth — "
+                   "--encoder-depth 4 on S/B, 8 on L/XL —, no RoPE), vanilla (SiT: velocity loss only, no RoPE) or "
+                   "erw-nowarmup (control: ERW's decaying λ and settings without the warmup). Each method takes its "
+                   "own per-size defaults (erw_fast/method/recipes.py); the flags below override them. Default: erw")
     g.add_argument("--l2r-depth", type=int, help=f"ERW warmup region: blocks 0..L-1 are warmed up and transferred "
                    f"(default per model: {t['l2r_depth']} for SiT-D/T, 4 for S/B/L/XL)")
-    g.add_argument("--encoder-depth", type=int, help="block whose output is aligned in full training, "
-                   f">= --l2r-depth (default per model, ERW: {t['encoder_depth']} D, 3 T, 4 D8/S/B, 8 L, 14 XL; "
+    g.add_argument("--encoder-depth", type=int, help="alignment depth D: the output of block D-1 (blocks "
+                   f"numbered from 0) is aligned in full training, >= --l2r-depth (default per model, ERW: "
+                   f"{t['encoder_depth']} D, 3 T, 4 D8/S/B, 8 L, 14 XL; "
                    "REPA: 1 D, 2 T, 3 D8, 4 S/B, 8 L/XL)")
     g.add_argument("--warmup-steps", type=int, help=f"ERW phase-1 steps (default {d['warmup_steps']} on digits; "
                    "ignored for repa/vanilla)")

@@ -279,3 +279,13 @@ def test_align_probe_every_logs_a_rising_cknna_during_the_warmup(tmp_path):
     warm = [r for r in rows if r["phase"] == "warmup"]
     assert [r["step"] for r in warm] == [20, 40] and all(r["block"] == 1 for r in warm)  # 0-based, as the probe
     assert warm[1]["cknna"] > warm[0]["cknna"] > 0
+
+
+@pytest.mark.parametrize("data", ["digits", "digits:0-4", "digits:5,7"])
+def test_digits_subsets_default_to_the_digits_encoder(data):
+    """A checkpoint that records no encoder, probed on a digits subset: the digits' default encoder
+    (not DINOv2, which the digits' 16-px images do not fit)."""
+    from erw_fast.encoders.digits import DEFAULT_DIGITS_ENCODER
+    from erw_fast.evaluation.probe import _encoder_choice
+
+    assert _encoder_choice(data, None, None, {"method": "erw"}) == (DEFAULT_DIGITS_ENCODER, None)

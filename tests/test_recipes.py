@@ -68,7 +68,7 @@ def test_banner_and_config_json_name_the_recipe(tmp_path, capsys):
                       samples_per_class=1, progress=False, threads=1))
     err = capsys.readouterr()
     banner = next(ln for ln in (err.out + err.err).splitlines() if ln.startswith("erw_fast.train:"))
-    assert "repa (REPA's recipe)" in banner and "λ constant λ0=0.5 @ block 1" in banner and "rope False" in banner
+    assert "repa (REPA's recipe)" in banner and "λ constant λ0=0.5 @ block 0" in banner and "rope False" in banner
     saved = json.load(open(out / "config.json"))
     assert (saved["encoder_depth"], saved["lambda0"], saved["rope"]) == (1, 0.5, False)
     import torch

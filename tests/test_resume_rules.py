@@ -77,7 +77,7 @@ def test_changed_flags_are_refused_with_both_values_before_anything_is_written(r
     (["--no-rope"], "--rope False (the run has True)"),
     (["--lambda-schedule", "constant"], "--lambda-schedule constant (the run has halflife)"),
     (["--align-loss", "ntxent"], "--align-loss ntxent (the run has cosine)"),
-    (["--precision", "bf16"], "--precision bf16 (the run has auto)"),
+    (["--qk-norm"], "--qk-norm True (the run has False)"),  # (--precision may change: issue 26)
     (["--warmup-steps", "7"], "--warmup-steps 7 (the run has 2)"),
     (["--class-dropout", "0.2"], "--class-dropout 0.2 (the run has 0.1)"),
 ])
@@ -160,3 +160,20 @@ def test_damaged_args_in_a_checkpoint_name_the_file_and_key(run_copy, capsys, ar
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and path in err[0] and named in err[0], err
     assert snapshot(run_copy) == before
+
+
+def test_precision_given_again_keeps_the_runs_fp8_recipe():
+    """``--resume --precision fp8`` on a rowwise fp8 run is the run's own precision: its recipe stays
+    (a new precision brings its own recipe; the same one changes nothing)."""
+    from erw_fast.engine.checkpoint import resume_config
+
+    args = TrainConfig(out="r", precision="fp8", fp8_recipe="rowwise").to_dict()
+    same = resume_config(TrainConfig(out="r", resume="auto", precision="fp8", given=("out", "precision", "resume")),
+                         args)
+    assert same.fp8_recipe == "rowwise"
+    other = resume_config(TrainConfig(out="r", resume="auto", precision="bf16", given=("out", "precision", "resume")),
+                          args)
+    assert (other.precision, other.fp8_recipe) == ("bf16", None)
+    asked = resume_config(TrainConfig(out="r", resume="auto", precision="fp8", fp8_recipe="tensorwise",
+                                      given=("fp8_recipe", "out", "precision", "resume")), args)
+    assert asked.fp8_recipe == "tensorwise"

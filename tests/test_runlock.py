@@ -148,3 +148,24 @@ def test_sample_and_evaluate_into_a_locked_folder_are_refused(tmp_path, finished
                                    os.path.join(finished, "metrics.jsonl"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "would replace the training run" in err and "own metrics.jsonl" in err and "eval.json" in err
+
+
+def test_a_refused_command_leaves_no_folder_made_for_its_lock(tmp_path):
+    """``sample``/``evaluate`` lock their output folder before the checks that may refuse: a folder the
+    lock made is removed again when the command is refused (nothing written)."""
+    from erw_fast import evaluate, sample
+
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        sample.main(["--ckpt", str(tmp_path / "none.pt"), "--num-samples", "2", "--out",
+                     str(tmp_path / "a" / "b" / "s.npz")])
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        evaluate.main(["--ckpt", str(tmp_path / "none.pt"), "--json-out", str(tmp_path / "c" / "e.json")])
+    assert sorted(os.listdir(tmp_path)) == []
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with RunLock(str(kept / "new"), "x"):
+        (kept / "new" / "f").write_text("x")
+    assert (kept / "new" / "f").exists()  # a folder with files stays
+    with RunLock(str(kept), "x"):
+        pass
+    assert kept.is_dir()  # a folder that existed before stays, empty or not

@@ -186,11 +186,12 @@ def resume_config(config: TrainConfig, ckpt_args: dict, path: str = "the checkpo
     setting the call gives on purpose (``TrainConfig.given_fields``) must resolve to the run's own
     value: otherwise one error names each such flag with both values (nothing is ignored silently)."""
     base = config_from_checkpoint_args(ckpt_args, path)
+    run_precision = base.precision
     for k in RESUME_OVERRIDABLE:
         v = getattr(config, k)
         if v is not None:
             setattr(base, k, v)
-    if config.precision is not None:  # a new precision comes with its own recipe (or none)
+    if config.precision not in (None, run_precision):  # a new precision comes with its own recipe (or none)
         base.fp8_recipe = config.fp8_recipe
     for k in RESUME_FROM_CALL:
         setattr(base, k, getattr(config, k))

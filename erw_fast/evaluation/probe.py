@@ -26,6 +26,7 @@ from ..models.checkpoint import (WarmupCheckpointError, _args_dict, _strip_prefi
                                  is_warmup_state_dict, load_checkpoint, load_state_dict_checked,
                                  read_checkpoint, resolve_checkpoint, select_state_dict)
 from ..models.sit import SiT
+from ..data.digits import is_digits
 from ..encoders.digits import DEFAULT_DIGITS_ENCODER
 from ..transport import interpolate
 from .cknna import cknna
@@ -112,7 +113,7 @@ def _encoder_choice(data: str, encoder: Optional[str], encoder_path: Optional[st
         raise ValueError(f"--ckpt: the run was trained without a target encoder (--method {args.get('method')}{none}); "
                          "pass --encoder NAME (e.g. digits-cnn, dinov2-vit-b) to compare its blocks with one")
     if encoder is None:  # the run's own target encoder, else the data's default
-        encoder = str(args.get("encoder") or (DEFAULT_DIGITS_ENCODER if data == "digits" else "dinov2-vit-b")).split(",")[0]
+        encoder = str(args.get("encoder") or (DEFAULT_DIGITS_ENCODER if is_digits(data) else "dinov2-vit-b")).split(",")[0]
         if encoder_path is None and args.get("encoder_path") and args.get("encoder") == encoder:
             encoder_path = args["encoder_path"]
     if "," in encoder:

@@ -210,7 +210,7 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
 
 
 def _run_and_report(cfg: StudyConfig, flops, budget, plans, argv, t_start, lock) -> dict:
-    from .report import write_doc, write_plot
+    from .report import verdict, write_doc, write_plot
 
     check_settings(cfg.out, {**study_settings(cfg), "plans": {n: [p.warmup_steps, p.steps, p.align_until, p.eval_steps]
                                                               for n, p in plans.items()}})

@@ -16,7 +16,7 @@ import errno
 import os
 import sys
 import tempfile
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 EXIT_OK, EXIT_NONFINITE, EXIT_USAGE = 0, 1, 2
 
@@ -34,6 +34,14 @@ def preset_flags(parser: argparse.ArgumentParser, argv: Optional[List[str]] = No
     a.pop("debug", None)
     quick = a.pop("quick")
     return quick, {k: v for k, v in a.items() if v is not None and v is not False}, [v for v in argv if v != "--debug"]
+
+
+def int_list(text: str) -> Tuple[int, ...]:
+    """argparse type of a comma-separated list of integers (``--seeds 0,1,2``)."""
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def given_dests(parser: argparse.ArgumentParser, argv: List[str]) -> set:

@@ -45,6 +45,27 @@ def _read_holder(path: str) -> str:
         return ""
 
 
+def _topmost_missing(folder: str) -> Optional[str]:
+    """The outermost of ``folder`` and its parents that does not exist yet (None: it exists)."""
+    path, missing = os.path.abspath(folder), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def _remove_empty(folder: str, top: Optional[str]):
+    """Remove ``folder`` and its parents up to ``top`` while they are empty (the ones a lock made)."""
+    if top is None:
+        return
+    path = os.path.abspath(folder)
+    while path.startswith(top):
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty (the command wrote its outputs), or gone
+            return
+        path = os.path.dirname(path)
+
+
 class RunLock:
     """``with RunLock(folder, "train"):``; ``acquire(create=False)`` locks only a folder that exists
     already (call ``acquire()`` again once it may be created)."""
@@ -54,10 +75,12 @@ class RunLock:
         self.path = os.path.join(folder, LOCK_NAME)
         self.notify = notify or (lambda m: print(m, file=sys.stderr))
         self.fd = None
+        self.made = None  # the topmost folder that acquire() created (removed on release while empty)
 
     def acquire(self, create: bool = True) -> "RunLock":
         if fcntl is None or self.fd is not None or (not create and not os.path.isdir(self.folder)):
             return self
+        self.made = _topmost_missing(self.folder)
         os.makedirs(self.folder, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -96,6 +119,7 @@ class RunLock:
                 pass
             os.close(self.fd)  # drops the flock
             self.fd = None
+            _remove_empty(self.folder, self.made)  # a command refused before writing leaves no folder
 
     def __enter__(self):
         return self.acquire()
@@ -132,13 +156,16 @@ def check_not_run_file(path: str, flag: str, example: str = "sampled.npz"):
 
 
 def output_lock(outputs, what: str):
-    """For a command writing the files ``outputs`` ((path or None, flag, example name) triples): refuse a
-    training run's own files, and lock the first output's folder while the command runs (a no-op
-    without outputs)."""
+    """For a command writing the files ``outputs`` ((path or None, flag, example name) triples): refuse
+    paths that cannot be written (``utils.cli.check_writable``) and a training run's own files, and lock
+    the first output's folder while the command runs (a no-op without outputs)."""
     import contextlib
+
+    from .cli import check_writable
 
     paths = [(p, flag, example) for p, flag, example in outputs if p]
     for p, flag, example in paths:
+        check_writable(p, flag)  # before the lock makes the folder: one line naming the flag, not a traceback
         check_not_run_file(p, flag, example)
     if not paths:
         return contextlib.nullcontext()
