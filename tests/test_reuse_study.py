@@ -37,3 +37,11 @@ def test_quick_reuse_study_end_to_end(tmp_path):
     assert again["results"] == results
     with pytest.raises(ValueError, match="other settings"):
         main(["--quick", "--out", out, "--budget-steps", "7", "--jobs", "1"])
+    from erw_fast.utils.runlock import RunLock
+
+    held = RunLock(out, "another study").acquire()  # one study per folder: a second writer is refused
+    try:
+        with pytest.raises(Exception, match="in use by another erw_fast process"):
+            main(["--quick", "--out", out, "--jobs", "1", "--threads", "1"])
+    finally:
+        held.release()

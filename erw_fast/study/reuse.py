@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ..utils.runlock import RunLock
 from .execute import StudyError, cores, read_jsonl, say, shared_architecture
 from .plan import mean_std
 
@@ -246,6 +247,14 @@ def run_reuse_study(cfg: ReuseConfig, argv: Optional[List[str]] = None) -> dict:
     if cfg.plan_only:
         return dict(plan=asdict(p))
     check_settings(cfg.out, {**settings(cfg), "plan": [p.warmup_steps, p.steps]})
+    lock = RunLock(cfg.out, "reuse study").acquire(create=False)  # one study per folder
+    try:
+        return _run_and_report(cfg, p, argv, t0)
+    finally:
+        lock.release()
+
+
+def _run_and_report(cfg: ReuseConfig, p: ReusePlan, argv: Optional[List[str]], t0: float) -> dict:
     say(f"reuse study: {len(cfg.seeds)} foundation(s), then {len(ARMS) * len(cfg.seeds)} runs, {cfg.jobs} at a time; "
         f"logs in {cfg.out}/<arm>-seed<seed>/train.log")
     _pool(cfg, p, [("foundation", s) for s in cfg.seeds])
