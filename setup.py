@@ -18,6 +18,9 @@ def _readme():
 
 DATA_EXTRA = ["diffusers", "transformers", "safetensors"]
 TB_EXTRA = ["tensorboard"]
+# torchao's float8 training (--precision fp8); each torchao release follows one torch release
+# (0.18 goes with torch 2.13, 0.17 with torch 2.11): install the one that matches your torch
+FP8_EXTRA = ["torchao"]
 
 packages = find_packages(include=["erw_fast", "erw_fast.*"])
 
@@ -43,7 +46,9 @@ setup(
         "data": DATA_EXTRA,
         # TensorBoard mirror of metrics.jsonl (scalars + sample grids under <out>/tb)
         "tb": TB_EXTRA,
-        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib"] + DATA_EXTRA + TB_EXTRA,
+        # torchao pinned to the release of the CI's torch (2.13.0): the fp8 tests and gpu_check's dry run
+        "test": ["pytest", "pytest-benchmark", "triton", "matplotlib", "torchao==0.18.0"] + DATA_EXTRA + TB_EXTRA,
+        "fp8": FP8_EXTRA,
         # the convergence study's plot (python -m erw_fast.convergence)
         "study": ["matplotlib"],
         "triton": ["triton"],
