@@ -192,9 +192,12 @@ def _bind(kernel, backend, job):
 
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     args = [MockTensor(a) if isinstance(a, torch.dtype) else a for a in job.args]  # 16-B aligned ptrs
-    kwargs = dict(job.constexprs, num_warps=job.num_warps, debug=kernel.debug or knobs.runtime.debug,
-                  instrumentation_mode=knobs.compilation.instrumentation_mode,
-                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    kwargs = dict(job.constexprs, num_warps=job.num_warps, debug=kernel.debug or knobs.runtime.debug)
+    # the compilation knobs JITFunction.run passes: instrumentation_mode (Triton 3.6 and 3.9), and
+    # fpsan_homomorphic_casts only where this Triton has it (3.9, not 3.6, the GPU machine's)
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(knobs.compilation, name):
+            kwargs[name] = getattr(knobs.compilation, name)
     bound, specialization, options = binder(*args, **kwargs)
     return kernel._pack_args(backend, kwargs, bound, specialization, options)
 
