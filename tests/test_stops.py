@@ -98,6 +98,8 @@ WORKER = textwrap.dedent("""
         with open(os.path.join(cfg.out, f"worker-{os.getpid()}"), "w"):
             pass
         time.sleep(300)
+    def sleeper_reuse(cfg, p, name, seed):
+        sleeper(cfg, p, seed, None, 1)
 """)
 PARENT = textwrap.dedent("""
     import sys, types
@@ -112,13 +114,23 @@ PARENT = textwrap.dedent("""
     jobs = [execute.Job(arm, None, s) for s in (0, 1)]
     sys.exit(run_cli(lambda argv: execute.run_jobs(cfg, jobs, {}), []))
 """)
+PARENT_REUSE = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import fakearm
+    from erw_fast.study import reuse
+    from erw_fast.utils.cli import run_cli
+    reuse._job = fakearm.sleeper_reuse           # pickled by reference: the workers import fakearm
+    cfg = reuse.ReuseConfig(out=sys.argv[2], jobs=2)
+    sys.exit(run_cli(lambda argv: reuse._pool(cfg, None, [("a", 0), ("a", 1)]), []))
+""")
 
 
-def _start_study(tmp_path):
+def _start_study(tmp_path, parent=PARENT):
     (tmp_path / "fakearm.py").write_text(WORKER)
     out = tmp_path / "study"
     out.mkdir()
-    p = subprocess.Popen([sys.executable, "-c", PARENT, str(tmp_path), str(out)], stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen([sys.executable, "-c", parent, str(tmp_path), str(out)], stderr=subprocess.PIPE, text=True,
                          env=ENV, cwd=REPO, start_new_session=True)
     t0 = time.time()
     while len([f for f in os.listdir(out) if f.startswith("worker-")]) < 2 and time.time() - t0 < 120:
@@ -144,9 +156,11 @@ def _gone(pids, timeout=30):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the worker death signal is Linux's prctl")
-@pytest.mark.parametrize("how", ["SIGTERM", "SIGINT", "SIGKILL"])
-def test_study_workers_die_with_their_parent(tmp_path, how):
-    p, pids = _start_study(tmp_path)
+@pytest.mark.parametrize("how,parent", [("SIGTERM", PARENT), ("SIGINT", PARENT), ("SIGKILL", PARENT),
+                                        ("SIGTERM", PARENT_REUSE), ("SIGINT", PARENT_REUSE)])
+def test_study_workers_die_with_their_parent(tmp_path, how, parent):
+    """Both studies' pools (the convergence study's run_jobs, the reuse study's _pool)."""
+    p, pids = _start_study(tmp_path, parent)
     try:
         if how == "SIGINT":  # Ctrl-C: the whole foreground process group gets it
             os.killpg(p.pid, signal.SIGINT)

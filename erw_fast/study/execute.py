@@ -374,45 +374,50 @@ def run_jobs(cfg: StudyConfig, jobs: Sequence[Job], flops: Dict[str, float]) -> 
                 raise _failed(cfg, job, e) from e
             say(_finished_line(i, n, job, out, t_start))
         return
+    with stoppable_pool(cfg.jobs) as pool:
+        pending = {pool.submit(run_arm, cfg, j.plan, j.seed, flops, threads): j for j in jobs}
+        done_count = 0
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = pending.pop(fut)
+                try:
+                    out = fut.result()
+                except Exception as e:
+                    err = _failed(cfg, job, e)
+                    say(f"error: {err}\nwaiting for the run(s) under way to finish (they are kept) ...")
+                    raise err from e
+                done_count += 1
+                say(_finished_line(done_count, n, job, out, t_start))
+
+
+@contextlib.contextmanager
+def stoppable_pool(workers: int):
+    """A pool of ``workers`` spawned processes (no fork of a process that holds torch threads) for the
+    studies' runs: the workers ignore Ctrl-C and die with this process (``_worker_init``); SIGTERM,
+    SIGHUP or Ctrl-C here stops them (each run checkpoints and ends) and raises ``StudyStopped``."""
     handlers = {}
     if threading.current_thread() is threading.main_thread():  # SIGTERM/SIGHUP stop the workers too
         handlers = {sg: signal.signal(sg, _raise_stop) for sg in (signal.SIGTERM, signal.SIGHUP)}
+    ctx = multiprocessing.get_context("spawn")
     try:
-        _run_pool(cfg, jobs, flops, threads, n, t_start)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                 initargs=(os.getpid(),)) as pool:
+            try:
+                yield pool
+            except (KeyboardInterrupt, StudyStopped):
+                say("stopping: the runs under way checkpoint and end ...")
+                _stop_workers(pool)  # before shutdown, which forgets the worker processes
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
     except KeyboardInterrupt:
         raise StudyStopped(signal.SIGINT) from None
     finally:
         for sg, h in handlers.items():
             signal.signal(sg, h)
-
-
-def _run_pool(cfg: StudyConfig, jobs: Sequence[Job], flops, threads: int, n: int, t_start: float):
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx, initializer=_worker_init,
-                             initargs=(os.getpid(),)) as pool:
-        pending = {pool.submit(run_arm, cfg, j.plan, j.seed, flops, threads): j for j in jobs}
-        done_count = 0
-        try:
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    job = pending.pop(fut)
-                    try:
-                        out = fut.result()
-                    except Exception as e:
-                        err = _failed(cfg, job, e)
-                        say(f"error: {err}\nwaiting for the run(s) under way to finish (they are kept) ...")
-                        raise err from e
-                    done_count += 1
-                    say(_finished_line(done_count, n, job, out, t_start))
-        except (KeyboardInterrupt, StudyStopped):
-            say("stopping: the runs under way checkpoint and end ...")
-            _stop_workers(pool)  # before shutdown, which forgets the worker processes
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
 
 
 def collect_results(cfg: StudyConfig, plans: Dict[str, RunPlan], seeds: Sequence[int]) -> List[dict]:

@@ -21,19 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-import multiprocessing
 import os
 import shlex
 import time
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ..utils.runlock import RunLock
-from .execute import StudyError, cores, read_jsonl, say, shared_architecture
+from .execute import StudyError, StudyStopped, cores, read_jsonl, say, shared_architecture, stoppable_pool
 from .plan import mean_std
 
 ARMS = ("reuse", "reuse-charged", "erw", "repa")
@@ -222,12 +220,14 @@ def evaluate(cfg: ReuseConfig, p: ReusePlan, name: str, seed: int) -> dict:
 def _pool(cfg: ReuseConfig, p: ReusePlan, jobs: List[Tuple[str, int]]) -> List[dict]:
     if cfg.jobs == 1 or len(jobs) <= 1:
         return [_job(cfg, p, n, s) for n, s in jobs]
-    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with stoppable_pool(cfg.jobs) as pool:  # Ctrl-C/SIGTERM stop the workers; they die with this process
         futures = [(n, s, pool.submit(_job, cfg, p, n, s)) for n, s in jobs]
         out = []
         for n, s, fut in futures:
             try:
                 out.append(fut.result())
+            except StudyStopped:  # a stop signal while waiting: the pool stops the workers
+                raise
             except Exception as e:
                 raise StudyError(f"{n} seed {s} failed ({type(e).__name__}: {e}); see "
                                  f"{run_dir(cfg, n, s)}/train.log; rerun the same command to continue") from e
