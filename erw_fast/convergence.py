@@ -52,7 +52,7 @@ from typing import List, Optional, Tuple
 
 from .study import run_study, study_config
 from .study.config import QUICK, StudyConfig
-from .utils.cli import add_debug_flag, int_list, preset_flags, run_cli
+from .utils.cli import add_debug_flag, add_machine_flags, int_list, preset_flags, run_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -127,9 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", dest="plan_only", action="store_true", help="print the plan (FLOPs per step, every "
                    "arm's steps and evaluation points) and stop; nothing is written")
     _run_group(p, d)
-    m = p.add_argument_group("the machine")
-    m.add_argument("--jobs", type=int, help=f"runs trained at once, in worker processes (default {d.jobs})")
-    m.add_argument("--threads", type=int, help="CPU threads per run (default: cores // jobs)")
+    add_machine_flags(p, d.jobs)
     add_debug_flag(p)
     return p
 

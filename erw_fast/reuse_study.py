@@ -19,7 +19,7 @@ import sys
 from typing import List, Optional
 
 from .study.reuse import QUICK, ReuseConfig, reuse_config, run_reuse_study
-from .utils.cli import add_debug_flag, int_list, preset_flags, run_cli
+from .utils.cli import add_debug_flag, add_machine_flags, int_list, preset_flags, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-fraction", type=float, help=f"warmup share of the budget (default {d.warmup_fraction:g})")
     g.add_argument("--num-samples", type=int, help=f"samples per evaluation (default {d.num_samples})")
     g.add_argument("--sample-steps", type=int, help=f"sampler steps (default {d.sample_steps})")
-    m = p.add_argument_group("the machine")
-    m.add_argument("--jobs", type=int, help=f"runs trained at once, in worker processes (default {d.jobs})")
-    m.add_argument("--threads", type=int, help="CPU threads per run (default: cores // jobs)")
+    add_machine_flags(p, d.jobs)
     add_debug_flag(p)
     return p
 

@@ -26,6 +26,13 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_machine_flags(parser: argparse.ArgumentParser, jobs: int) -> None:
+    """The studies' "the machine" flags: --jobs (worker processes, default ``jobs``) and --threads."""
+    m = parser.add_argument_group("the machine")
+    m.add_argument("--jobs", type=int, help=f"runs trained at once, in worker processes (default {jobs})")
+    m.add_argument("--threads", type=int, help="CPU threads per run (default: cores // jobs)")
+
+
 def preset_flags(parser: argparse.ArgumentParser, argv: Optional[List[str]] = None):
     """(``--quick`` given?, the flags given (unset and false ones left out), argv without ``--debug``)
     of a study's command line: the studies build their settings from a preset and the given flags."""
