@@ -273,6 +273,23 @@ def test_export_without_aoti_packaging(monkeypatch, tmp_path):
         export.export_package(SiT(**CFG), str(tmp_path / "m.pt2"))
 
 
+@pytest.mark.parametrize("version, reuse_off", [("2.11.0+cu130", True), ("2.12.1", True), ("2.13.0+cpu", False),
+                                               ("2.14.0.dev20261201", False), ("3.0.0", False)])
+def test_buffer_reuse_off_only_where_inductor_crashes(monkeypatch, version, reuse_off):
+    """torch 2.11's AOTInductor crashed on the guided package ("End index 7 out of bounds [0, 5]": buffer
+    reuse planned inside the torch.cond subgraphs with the outer graph's peak estimate); the export turns
+    reuse off below 2.13 and leaves inductor's default elsewhere. The whole export runs on 2.11 in
+    the package fixture when the suite runs there."""
+    from erw_fast.sampling import export
+
+    monkeypatch.setattr(torch, "__version__", version)
+    configs = export._inductor_configs({"erw.format": "x"})
+    assert configs["aot_inductor.metadata"] == {"erw.format": "x"}
+    assert ("allow_buffer_reuse" in configs) == reuse_off
+    if reuse_off:
+        assert configs["allow_buffer_reuse"] is False
+
+
 def test_export_rejects_bad_flags(tiny_ckpt, tmp_path):
     r = _export("--ckpt", tiny_ckpt, "--out", tmp_path / "m.pt2", "--weights", "best")
     assert r.returncode == 2 and "--weights" in r.stderr

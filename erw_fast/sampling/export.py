@@ -222,13 +222,31 @@ def _partial_path(out: str) -> str:
     return os.path.join(folder, f".{name}.partial-{os.getpid()}.pt2")
 
 
+def _inductor_configs(metadata: dict) -> dict:
+    """AOTInductor's options for the package: the metadata, and buffer reuse off where the installed
+    inductor's memory planner is known to crash on this graph. The guidance interval is a ``torch.cond``,
+    so the graph has subgraphs, and before torch 2.13 the wrapper's buffer-reuse planner kept the outer
+    graph's peak-memory estimate inside them ("End index 7 out of bounds [0, 5]", seen on torch 2.11;
+    2.13 makes one estimate per subgraph). Reuse off costs the package some memory, not a number."""
+    configs = {"aot_inductor.metadata": dict(metadata)}
+    if _torch_below(2, 13):
+        configs["allow_buffer_reuse"] = False
+    return configs
+
+
+def _torch_below(major: int, minor: int) -> bool:
+    """Whether the installed torch release is older than ``major.minor`` (local tags like +cpu ignored)."""
+    parts = torch.__version__.split("+")[0].split(".")
+    return (int(parts[0]), int(parts[1])) < (major, minor)
+
+
 def _compile_package(inductor, ep, out: str, metadata: dict):
     """AOTInductor-compile ``ep`` into ``out`` (+ ``out.json``) through temporary files renamed at the
     end; on any failure both are removed and an existing ``out`` is left untouched."""
     partial = _partial_path(out)
     try:
         inductor.aoti_compile_and_package(
-            ep, package_path=partial, inductor_configs={"aot_inductor.metadata": dict(metadata)}
+            ep, package_path=partial, inductor_configs=_inductor_configs(metadata)
         )
         with open(partial + ".json", "w") as f:
             json.dump(metadata, f, indent=2, sort_keys=True)
