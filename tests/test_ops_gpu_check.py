@@ -3,6 +3,7 @@ runs, and a failed, skipped or cut section makes the exit status non-zero and is
 summary (stdout, results.md, results.json).  The script is always run with a ``pytest`` that does
 not import (the GPU machine has none), and the missing-numpy / missing-triton paths are simulated
 with modules that raise ImportError put first on PYTHONPATH."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "gpu_check.py")
 SECTIONS = ["correctness", "timings", "bandwidth", "memory", "compile_fused", "sweep", "fp8", "steps"]
+HAVE_TORCHAO = importlib.util.find_spec("torchao") is not None
 cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="the dry run is the CPU path; on CUDA run the real check")
 
 
@@ -49,11 +51,18 @@ def test_help_lists_sections(tmp_path):
 
 @cpu_only
 def test_dry_run_all_sections(tmp_path):
+    """Every section passes. Where torchao is not installed (the GPU machine until its wheel is
+    carried) the fp8 section is the one exception: recorded as not run, with the instructions, and the
+    run is not a pass."""
     out = tmp_path / "out"
     r, text = run(tmp_path, str(out), "--dry-run")
     res, md = results(out)
-    assert r.returncode == 0, text[-4000:]
-    assert {n: s["status"] for n, s in res["sections"].items()} == {n: "ok" for n in SECTIONS}
+    status = 0 if HAVE_TORCHAO else 1
+    assert r.returncode == status, text[-4000:]
+    assert {n: s["status"] for n, s in res["sections"].items()} == \
+        dict({n: "ok" for n in SECTIONS}, **({} if HAVE_TORCHAO else {"fp8": "incomplete"}))
+    if not HAVE_TORCHAO:
+        assert "pip install --no-deps" in res["fp8"]["not_run"] and "## Result: PASS" not in md
     assert res["correctness"] and all(c["ok"] for c in res["correctness"])
     assert not res["errors"], res["errors"]
     assert {t["op"] for t in res["timings"]} == {"layernorm_modulate", "gated_residual", "projection_cosine_loss"}
@@ -63,9 +72,9 @@ def test_dry_run_all_sections(tmp_path):
     # the step benchmark got the real remaining budget (minus its margin) and wrote its results
     assert 0 < res["steps"]["budget_s"] < 270 - res["meta"]["startup_s"]
     assert (out / "step_results.json").exists()
-    assert res["meta"]["total_s"] < 270 and res["meta"]["exit_status"] == 0
-    assert md.startswith("# erw_fast fused-op GPU check") and "## Result: PASS" in md
-    assert "gpu_check: PASS" in r.stdout
+    assert res["meta"]["total_s"] < 270 and res["meta"]["exit_status"] == status
+    assert md.startswith("# erw_fast fused-op GPU check")
+    assert ("## Result: PASS" in md and "gpu_check: PASS" in r.stdout) == HAVE_TORCHAO
 
 
 @cpu_only
