@@ -121,7 +121,6 @@ def shared_architecture(cfg: StudyConfig) -> dict:
 def train_config(cfg: StudyConfig, method: str, **kw):
     """The trainer's settings of a study run (every arm: the same model, architecture, data, optimiser)."""
     from ..engine import TrainConfig
-
     from .config import data_kind, latent_run_settings
 
     run = latent_run_settings() if data_kind(cfg.data) == "latents" else {}  # not the 400K-step ImageNet recipe
