@@ -5,6 +5,7 @@
     python -m erw_fast.convergence --plan          # the plan only: steps, evaluation points, FLOPs
     python -m erw_fast.convergence --quick         # a smoke test of the whole study (about a minute)
     python -m erw_fast.convergence --data imagefolder:DIR --encoder-path DINOV2_DIR --plan   # on your own images
+    python -m erw_fast.convergence --data LATENT_DIR --encoder-path DINOV2_DIR --plan        # on preprocessed latents
 
 The preset keeps the proportions of ERW's SiT-XL/2 setting on the embedded digits: SiT-D8/2
 (8 blocks, 64 wide), ERW's warmup region 1 block (XL: 4 of 28), alignment at block 4 of 8 (XL: 14 of
@@ -17,7 +18,14 @@ On an image folder (--data imagefolder:DIR, or a DIR of class sub-folders, at th
 preset, printed by --plan, is SiT-D8/4 (the same 8x8 token grid), the trainer's batch halved while it
 exceeds a quarter of the folder (>= 8), and dinov2-vit-b run online; FD is measured against the
 folder's images in the encoder's space (DINOv2: its CLS token), FID only with --inception FILE (else
-null, and the speed figure uses fd_<encoder>). Latent datasets are not supported by the study yet.
+null, and the speed figure uses fd_<encoder>).
+
+On a latent dataset (--data DIR written by python -m erw_fast.preprocess) the preset is SiT-D8 with the
+patch whose token grid is nearest 8x8 (or the grid of target features that python -m
+erw_fast.extract_features stored in DIR: then read, not run, and their extraction charged), a batch
+fitted as for a folder, and the digits preset's lr, EMA and λ half-life (the trainer's latent defaults
+are the 400K-step ImageNet recipe). Samples are decoded with the dataset's VAE (the one its index.json
+records) and scored against the images the dataset stores beside its latents (at most 5,000).
 
 Every arm trains the same model on the same data with the same optimiser and the same training
 compute, counted in FLOPs with ``torch.utils.flop_counter`` exactly as the trainer counts them: the
@@ -70,22 +78,25 @@ def _names(text: str) -> Tuple[str, ...]:
 
 def _run_group(p: argparse.ArgumentParser, d: StudyConfig):
     g = p.add_argument_group("the runs (changing one needs another --out)")
-    g.add_argument("--data", help="the data: digits (default: the embedded digits), or an image folder "
-                   "(imagefolder:DIR, or a DIR of class sub-folders, taken at the trainer's 32 px)")
+    g.add_argument("--data", help="the data: digits (default: the embedded digits), an image folder "
+                   "(imagefolder:DIR, or a DIR of class sub-folders, taken at the trainer's 32 px), or a latent "
+                   "dataset folder from python -m erw_fast.preprocess (decoded with its VAE for evaluation)")
     g.add_argument("--model", help="SiT size (default: digits SiT-D8/2; an image folder SiT-D8/4, the same 8x8 "
-                   "token grid)")
+                   "token grid; latents the patch nearest an 8x8 grid, or the stored features' grid)")
     g.add_argument("--encoder", help="target encoder (default on the digits: digits-ssl, the embedded label-free "
                    "encoder; digits-cnn: the same net trained with the digits' labels, the setting of the first study. "
-                   "On an image folder: dinov2-vit-b)")
+                   "On an image folder or latents: dinov2-vit-b)")
     g.add_argument("--encoder-path", help="local weights of --encoder (e.g. a DINOv2 transformers folder)")
-    g.add_argument("--inception", help="image folders: a local TorchScript Inception file for FID against the "
-                   "folder's images (without it FID is null and the speed figure uses fd_<encoder>)")
+    g.add_argument("--inception", help="image folders, latents: a local TorchScript Inception file for FID against "
+                   "the folder's (the latent dataset's stored) images (without it FID is null and the speed figure "
+                   "uses fd_<encoder>)")
     g.add_argument("--projector-dim", type=int, help=f"projector width (default {d.projector_dim})")
     g.add_argument("--batch-size", type=int, help="training batch (default: the trainer's, 64; on an image folder "
-                   "smaller when the folder is small: at most a quarter of its images, at least 8)")
+                   "or latents smaller when the data is small: at most a quarter of its images, at least 8)")
     g.add_argument("--features", choices=("online", "precomputed"),
-                   help="target features: extracted once before training, counted (default on the digits), or the "
-                   "encoder run every step (default on an image folder)")
+                   help="target features: extracted once before training, counted (default on the digits; on "
+                   "latents the default when extract_features stored them, their extraction counted), or the "
+                   "encoder run every step (default on an image folder, and on latents without stored features)")
     g.add_argument("--budget-steps", type=int, help=f"compute budget per arm, in REPA steps (default {d.budget_steps}; "
                    f"--quick {QUICK['budget_steps']})")
     g.add_argument("--points", type=int, help=f"evaluations per run at equal shares of the budget, >= 2 (default "

@@ -38,6 +38,22 @@ def tiny_dinov2_dir(tmp_path_factory):
     return str(d)
 
 
+@pytest.fixture(scope="session")
+def tiny_vae_dir(tmp_path_factory):
+    """A random-weight SD-VAE-shaped AutoencoderKL (8x down, 4 latent channels, 32-px samples) saved as a
+    local diffusers folder (nothing is downloaded)."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
+    d = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(d)
+    return str(d)
+
+
 @pytest.fixture
 def free_port():
     """A free TCP port on the loopback, for a gloo process group."""

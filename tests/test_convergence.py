@@ -364,7 +364,7 @@ def test_quick_study_on_an_image_folder_end_to_end(tmp_path, small_folder, tiny_
 @pytest.mark.filterwarnings("ignore:dinov2-vit")
 def test_study_bad_inputs_on_an_image_folder(tmp_path, small_folder, monkeypatch, tiny_dinov2_dir, capsys):
     """Each a one-line error before anything is written: a folder smaller than the batch, more samples than
-    images, a digits encoder on other images, latents, and a rerun into a folder made for the digits."""
+    images, a digits encoder on other images, and a rerun into a folder made for the digits."""
     monkeypatch.setattr(ex, "run_jobs", lambda *a, **k: pytest.fail("nothing may train"))
     data = f"imagefolder:{small_folder}"
     out = tmp_path / "x"
@@ -374,11 +374,6 @@ def test_study_bad_inputs_on_an_image_folder(tmp_path, small_folder, monkeypatch
         with pytest.raises(ValueError, match=msg):
             cli.main(["--quick", "--data", data, "--out", str(out), "--plot", "", "--doc", ""] + extra)
         assert not out.exists()
-    latents = tmp_path / "lat"
-    latents.mkdir()
-    (latents / "dataset.json").write_text("{}")
-    with pytest.raises(ValueError, match="latent datasets are not supported by the study"):
-        sc.check_config(sc.study_config(data=str(latents), model="SiT-D8/2", encoder="dinov2-vit-b", features="online"))
     with pytest.raises(ValueError, match="--batch-size: the digits study"):
         sc.check_config(sc.study_config(batch_size=16))
     capsys.readouterr()
@@ -392,3 +387,106 @@ def test_study_bad_inputs_on_an_image_folder(tmp_path, small_folder, monkeypatch
     with pytest.raises(ValueError, match="data: 'digits' there"):
         cli.main(["--quick", "--data", data, "--encoder-path", tiny_dinov2_dir, "--out", str(old), "--plot", "",
                   "--doc", ""])
+
+
+# --------------------------------------------------------------------------------------------
+# The study on latents (the generated folder preprocessed with a tiny random-weight VAE)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_latents(tmp_path_factory, small_folder, tiny_vae_dir):
+    from erw_fast.data.prepare import preprocess
+
+    out = tmp_path_factory.mktemp("latents")  # 24 latents 4x4x4 of 32-px images
+    preprocess(images=small_folder, out=str(out), resolution=32, vae=tiny_vae_dir, batch_size=8, workers=0,
+               progress=False, device="cpu")
+    return str(out)
+
+
+@pytest.mark.filterwarnings("ignore:dinov2-vit")
+def test_quick_study_on_latents_end_to_end(tmp_path, small_latents, tiny_dinov2_dir, capsys, monkeypatch):
+    """--quick on a latent dataset: the latent preset (SiT-D8/2 for a 4x4 latent, a batch fitted to 24 latents,
+    the encoder online on the stored images, the digits preset's lr/EMA/λ half-life) printed and used; every
+    sample decoded with the dataset's VAE; fd_dinov2-vit-b against the stored images, FID null without
+    Inception; the report says so."""
+    pytest.importorskip("matplotlib", reason="the study's plot needs matplotlib (the test extra installs it)")
+    decoded, latent_decoder = [], ex.latent_decoder
+
+    def spy(data):
+        decode = latent_decoder(data)
+        return lambda z: decoded.append(tuple(z.shape)) or decode(z)
+
+    monkeypatch.setattr(ex, "latent_decoder", spy)
+    out, doc = tmp_path / "runs", tmp_path / "conv.md"
+    argv = ["--quick", "--data", small_latents, "--encoder-path", tiny_dinov2_dir, "--arms", "vanilla,repa,erw-w20",
+            "--out", str(out), "--doc", str(doc), "--plot", "", "--jobs", "1", "--threads", "1"]
+    r = cli.main(argv)
+    err = capsys.readouterr().err
+    assert "latent preset: model SiT-D8/2 (2x2 tokens), batch 8, encoder features online" in err, err
+    assert "lr 0.001, EMA 0.99, λ half-life 400 (the digits preset's)" in err and "FD reference: 24 of" in err
+    study, results = r["study"], r["results"]
+    s = json.load(open(out / "settings.json"))
+    assert (s["data"], s["model"], s["batch_size"], s["features"], s["fid_network"], s["reference_images"]) == \
+        (small_latents, "SiT-D8/2", 8, "online", None, 24)
+    assert study["metric"] == "fd_dinov2-vit-b" and set(study["present"]) == {"vanilla", "repa", "erw-w20"}
+    assert len(results) == 6 and all(x["fid"] is None and "accuracy" not in x and np.isfinite(x["fd_dinov2-vit-b"])
+                                      for x in results)
+    assert decoded == [(20, 4, 4, 4)] * 6  # every evaluation's 20 samples went through the VAE
+    cfg = json.load(open(out / "erw-w20-seed0" / "config.json"))
+    assert (cfg["data"], cfg["lr"], cfg["ema_decay"], cfg["half_life"]) == (small_latents, 1e-3, 0.99, 400)
+    text = doc.read_text()
+    for piece in ("**no FID**", "24 of the images the latent dataset stores", "Latent preset: lr 0.001"):
+        assert piece in text, piece
+
+
+@pytest.mark.filterwarnings("ignore:dinov2-vit")
+def test_latent_preset_reads_stored_features_and_charges_their_extraction(tmp_path, small_latents, tiny_dinov2_dir,
+                                                                          capsys):
+    """Target features stored by extract_features decide the features (precomputed) and the model's patch
+    (their token grid: 1x1 → SiT-D8/4, where the 8x8 rule gives SiT-D8/2), and their extraction is charged:
+    one image's encoder FLOPs times the dataset's 24."""
+    import shutil
+
+    from erw_fast.data.features import extract_features
+    from erw_fast.encoders import build_encoder
+    from erw_fast.utils.flops import count_flops
+
+    data = str(tmp_path / "lat")
+    shutil.copytree(small_latents, data)
+    extract_features(data, "dinov2-vit-b", encoder_path=tiny_dinov2_dir, token_grid=1, progress=False, device="cpu")
+    r = cli.main(["--quick", "--data", data, "--encoder-path", tiny_dinov2_dir, "--plan", "--out", str(tmp_path / "x")])
+    assert "model SiT-D8/4 (1x1 tokens), batch 8, encoder features precomputed" in capsys.readouterr().err
+    enc = build_encoder("dinov2-vit-b", path=tiny_dinov2_dir, token_grid=1)
+    with torch.no_grad():
+        one = count_flops(lambda: enc(sc.folder_data(data).encoder_images([0])))
+    assert r["flops"]["features"] == pytest.approx(one * 24) and one > 0
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.filterwarnings("ignore:dinov2-vit")
+def test_study_bad_inputs_on_latents(tmp_path, small_latents, tiny_dinov2_dir, monkeypatch):
+    """Each a one-line error before anything is written: fewer latents than the batch, more samples than
+    reference images, no VAE to decode with, a digits subset, a missing folder, and a rerun into a folder
+    made for other data."""
+    import shutil
+
+    monkeypatch.setattr(ex, "run_jobs", lambda *a, **k: pytest.fail("nothing may train"))
+    out = tmp_path / "x"
+    common = ["--quick", "--encoder-path", tiny_dinov2_dir, "--out", str(out), "--plot", "", "--doc", ""]
+    novae = tmp_path / "novae"
+    shutil.copytree(small_latents, novae)
+    index = json.load(open(novae / "index.json"))
+    (novae / "index.json").write_text(json.dumps({**index, "vae": str(tmp_path / "gone")}))
+    for data, extra, msg in ((small_latents, ["--batch-size", "32"], "24 latents, fewer than the batch of 32"),
+                             (small_latents, ["--num-samples", "30"], "more samples than the dataset's 24 images"),
+                             (str(novae), [], "decodes the generated latents with the dataset's VAE, but the VAE "),
+                             ("digits:0-4", [], "a subset of the digits is the reuse study's"),
+                             (str(tmp_path / "none"), [], "unknown --data .*none.: use .digits.")):
+        with pytest.raises(ValueError, match=msg):
+            cli.main(common + ["--data", data] + extra)
+        assert not out.exists()
+    old = tmp_path / "digits-study"
+    old.mkdir()
+    (old / "settings.json").write_text(json.dumps(sc.study_settings(sc.study_config(quick=True))))
+    with pytest.raises(ValueError, match="data: 'digits' there"):
+        cli.main(common[:-6] + ["--data", small_latents, "--out", str(old), "--plot", "", "--doc", ""])
+    assert os.listdir(old) == ["settings.json"]

@@ -35,19 +35,8 @@ CLASSES = ("cat", "dog", "fox")
 
 
 # --------------------------------------------------------------------------------------------
-# fixtures: tiny models and a handful of generated images
+# fixtures: a handful of generated images (the tiny VAE and DINOv2: tests/conftest.py)
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=RES)
-    d = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(d)
-    return str(d)
-
-
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     rng = np.random.default_rng(0)

@@ -127,16 +127,20 @@ class LatentData:
 
     def decoder(self, device=None):
         """The VAE recorded in the index (a local folder or a cached hub id), or None when it (or
-        diffusers) is not available; cached after the first call."""
+        diffusers) is not available, with the reason in ``decoder_error``; cached after the first call."""
         if getattr(self, "_vae", False) is not False:
             return self._vae
         self._vae = None
         vae = getattr(self.store, "index", {}).get("vae") if hasattr(self.store, "index") else None
-        if vae and not vae.startswith("repa:"):
+        self.decoder_error = None
+        if not vae or vae.startswith("repa:"):
+            self.decoder_error = "the dataset records no VAE (REPA's layout and its conversions do not)"
+        else:
             try:
                 self._vae = load_vae(vae, device or "cpu")
-            except Exception:
-                self._vae = None
+            except Exception as e:
+                why = (str(e).splitlines() or [type(e).__name__])[0]
+                self.decoder_error = f"the VAE {vae!r} its index.json records did not load: {why}"
         return self._vae
 
     def decode(self, latents: torch.Tensor) -> Optional[torch.Tensor]:

@@ -99,6 +99,33 @@ def print_plan(flops: Dict[str, float], budget: float, plans: Dict[str, RunPlan]
         say(f"  {name:16s} {p.warmup_steps:5d} warmup + {p.steps:4d} full steps{stop}; evaluated at {p.eval_steps}")
 
 
+def describe_data(cfg: StudyConfig):
+    """The data and its preset (an image folder or latents), and a note when the budget passes the data
+    so often that the arms may be compared on memorising it."""
+    from .config import data_kind, folder_data, folder_size, latent_run_settings, reference_indices
+
+    n, fid = folder_size(cfg.data), ("the Inception file" if cfg.inception else
+                                     "none (no --inception): the speed figure uses fd_" + cfg.encoder)
+    if data_kind(cfg.data) == "latents":
+        d, run = folder_data(cfg.data), latent_run_settings()
+        grid = d.input_size // int(cfg.model.rsplit("/", 1)[1])
+        say(f"data {cfg.data}: {n} latents {d.channels}x{d.input_size}x{d.input_size} of {d.image_size}-px images; "
+            f"latent preset: model {cfg.model} ({grid}x{grid} tokens), batch {cfg.batch_size}, encoder features "
+            f"{cfg.features}" + (" (stored by extract_features, their extraction charged)" if cfg.features ==
+                                 "precomputed" else " (the encoder run on the stored images)") +
+            f"; lr {run['lr']:g}, EMA {run['ema_decay']:g}, λ half-life {run['half_life']} (the digits preset's); "
+            f"samples decoded with the dataset's VAE; FD reference: {len(reference_indices(cfg.data))} of its stored "
+            f"images; FID: {fid}")
+    else:
+        say(f"data {cfg.data}: {n} images; preset model {cfg.model}, batch {cfg.batch_size}, "
+            f"encoder features {cfg.features}; FID: {fid}")
+    epochs = cfg.budget_steps * cfg.batch_size / n
+    if epochs > EPOCHS_NOTE:
+        where = "the folder's" if data_kind(cfg.data) == "imagefolder" else "the dataset's"
+        say(f"note: the budget goes {epochs:.0f} times through {where} {n} images: the arms may be compared "
+            "on memorising it; more images (or a lower --budget-steps) make the comparison mean more")
+
+
 def _done(cfg: StudyConfig, jobs: List[Job]) -> set:
     return {(j.arm.name, j.seed) for j in jobs if os.path.exists(os.path.join(run_dir(cfg, j.arm.name, j.seed),
                                                                               "done.json"))}
@@ -139,7 +166,10 @@ def _study_record(cfg, flops, budget, plans, results, seeds) -> dict:
     from ..metrics import fd_name
     from ..models.sit import SIZES
 
+    from .config import data_kind
+
     arms = study_arms(cfg)
+    where = "folder" if data_kind(cfg.data) != "latents" else "dataset"
     present = [a.name for a in arms if any(r["arm"] == a.name for r in results)]
     tc = resolve_config(train_config(cfg, "erw"))
     size = SIZES[cfg.model.removeprefix("SiT-").split("/")[0]]
@@ -155,7 +185,7 @@ def _study_record(cfg, flops, budget, plans, results, seeds) -> dict:
         fid_targets=fid_targets(final_fid, cfg.fid_targets), target_rule=target_rule(cfg),
         fits=collect_fits(cfg, present, seeds),
         fit_desc=FIT_DESC if cfg.data == "digits" else FIT_DESC.replace("256 held-out validation digits",
-                                                                         "up to 256 images of the folder"),
+                                                                         "up to 256 images of the " + where),
         config=asdict(cfg), settings=study_settings(cfg), flops=flops, budget=budget,
         plans={n: asdict(p) for n, p in plans.items()}, arms=describe_arms(cfg, arms), present=present, seeds=seeds,
         main_arms=[a.name for a in arms if a.name in present and not (a.method == "erw" and a.stop is None
@@ -187,16 +217,7 @@ def run_study(cfg: StudyConfig, argv: Optional[List[str]] = None) -> dict:
     flops = probe_flops(cfg)
     budget, plans = plan_runs(flops, cfg.budget_steps, cfg.points, study_arms(cfg))
     if cfg.data != "digits":
-        from .config import folder_size
-
-        n = folder_size(cfg.data)
-        say(f"data {cfg.data}: {n} images; preset model {cfg.model}, batch {cfg.batch_size}, "
-            f"encoder features {cfg.features}; FID: " + ("the Inception file" if cfg.inception else
-                                                          "none (no --inception): the speed figure uses fd_" + cfg.encoder))
-        epochs = cfg.budget_steps * cfg.batch_size / n
-        if epochs > EPOCHS_NOTE:
-            say(f"note: the budget goes {epochs:.0f} times through the folder's {n} images: the arms may be compared "
-                "on memorising it; more images (or a lower --budget-steps) make the comparison mean more")
+        describe_data(cfg)
     say(f"target encoder {cfg.encoder}; {cfg.points} evaluations per run ({cfg.num_samples} samples, {cfg.sampler} "
         f"{cfg.sample_steps} steps); seeds {', '.join(map(str, cfg.seeds))}")
     print_plan(flops, budget, plans)

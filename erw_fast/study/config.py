@@ -25,14 +25,16 @@ class StudyConfig:
     arms: Optional[Tuple[str, ...]] = None   # None: every arm of the settings below
     seeds: Tuple[int, ...] = (0, 1, 2)
     # the runs
-    data: str = "digits"             # the embedded digits, or an image folder (imagefolder:DIR or a plain DIR)
-    model: Optional[str] = None      # None: the data's preset (digits SiT-D8/2; an image folder SiT-D8/<R/8>)
+    data: str = "digits"             # the embedded digits, an image folder (imagefolder:DIR or a plain DIR) or latents
+    model: Optional[str] = None      # None: the data's preset (digits SiT-D8/2; an image folder SiT-D8/<R/8>; latents
+                                     # the patch closest to an 8x8 grid, or the stored features' grid)
     encoder: Optional[str] = None    # None: digits-ssl on the digits (label-free; digits-cnn: label-trained), else dinov2-vit-b
     encoder_path: Optional[str] = None   # local weights of the encoder (e.g. a DINOv2 transformers folder)
-    inception: Optional[str] = None  # image folders: a local TorchScript Inception file for FID (None: FID null)
+    inception: Optional[str] = None  # image folders, latents: a local TorchScript Inception file for FID (None: FID null)
     projector_dim: int = 128
-    batch_size: Optional[int] = None  # None: the trainer's (digits 64); an image folder: 64, or fewer for a small folder
-    features: Optional[str] = None   # None: digits precomputed (extracted once, counted); an image folder online
+    batch_size: Optional[int] = None  # None: the trainer's (digits 64); an image folder, latents: 64, or fewer when small
+    features: Optional[str] = None   # None: digits precomputed (extracted once, counted); an image folder online;
+                                     # latents precomputed when extract_features stored the encoder's, else online
     budget_steps: int = 400          # the compute budget per arm, in REPA steps (+ the feature extraction)
     points: int = 8                  # evaluations at budget * i / points, i = 1..points (>= 2)
     fid_targets: Optional[Tuple[float, ...]] = None   # FID targets τ of the speed figure (None: see plan.fid_targets)
@@ -64,33 +66,82 @@ FOLDER_TOKEN_GRID = 8
 DEFAULT_FOLDER_ENCODER = "dinov2-vit-b"
 
 
+# Latents (``python -m erw_fast.preprocess``): the digits preset's SiT-D8 with the patch whose token grid is
+# closest to its 8x8, or the grid of target features that ``python -m erw_fast.extract_features`` stored in the
+# dataset (then read, not run: the trainer's --features precomputed, their extraction charged to the aligned arms);
+# the batch fitted as for an image folder. The trainer's latent defaults are the 400K-step ImageNet recipe: after a
+# study's few hundred steps its EMA (decay 0.9999) would still be ~96% the initial weights and its λ half-life (50K
+# steps) would not decay at all, so the runs take the digits preset's optimisation, made for budgets of this length.
+LATENT_RUN_KEYS = ("lr", "ema_decay", "half_life", "log_every")
+LATENT_REFERENCE_CAP = 5000  # FD/FID reference: at most this many of the dataset's stored images, evenly spaced
+PATCHES = (2, 4, 8)          # the registered SiT patches
+
+
 def data_kind(data: str) -> str:
-    """``digits``, ``imagefolder`` or ``latents`` (as the trainer reads ``--data``)."""
+    """``digits``, ``imagefolder`` or ``latents`` (as the trainer reads ``--data``); ``digits-subset``
+    for ``digits:<classes>`` (refused: the reuse study's data)."""
+    from ..data.digits import is_digits
     from ..data.imagefolder import image_folder_path
 
-    return "digits" if data == "digits" else ("imagefolder" if image_folder_path(data) is not None else "latents")
+    if is_digits(data):
+        return "digits" if data == "digits" else "digits-subset"
+    return "imagefolder" if image_folder_path(data) is not None else "latents"
 
 
-def dataset_preset(data: str) -> Dict:
-    """The settings that depend on the data (model, encoder, features), for the fields left at None."""
+def fitted_batch(n: int, batch: int = 64) -> int:
+    """A batch for ``n`` samples: ``batch`` halved while it exceeds a quarter of them (but >= 8)."""
+    while batch > 8 and batch > n // 4:
+        batch //= 2
+    return batch
+
+
+def latent_run_settings() -> Dict:
+    """The trainer settings a latent study's runs take from the digits preset (see above)."""
+    from ..engine.config import DATA_DEFAULTS
+
+    return {k: DATA_DEFAULTS["digits"][k] for k in LATENT_RUN_KEYS}
+
+
+def stored_features(data: str, encoder: str):
+    """The features of ``encoder`` that ``python -m erw_fast.extract_features`` stored in latent dataset
+    ``data`` (a ``FeatureStore``, checked against the dataset's size), or None."""
+    import os
+
+    from ..data.features import FeatureStore, features_dir
+
+    if not os.path.isfile(os.path.join(features_dir(data, encoder), "index.json")):
+        return None
+    return FeatureStore(data, encoder, folder_size(data))
+
+
+def latent_preset(data: str, encoder: str) -> Dict:
+    side, store = folder_data(data).input_size, stored_features(data, encoder)
+    if store is not None and side % store.token_grid == 0 and side // store.token_grid in PATCHES:
+        patch, features = side // store.token_grid, "precomputed"
+    else:
+        fits = [p for p in PATCHES if side % p == 0] or [2]  # an odd side: the model refuses it, in one line
+        patch, features = min(fits, key=lambda p: (abs(side // p - FOLDER_TOKEN_GRID), p)), "online"
+    return dict(model=f"SiT-D8/{patch}", encoder=encoder, features=features, batch_size=fitted_batch(folder_size(data)))
+
+
+def dataset_preset(data: str, encoder: Optional[str] = None) -> Dict:
+    """The settings that depend on the data (model, encoder, features, batch), for the fields left at None;
+    ``encoder``: the one given (latents: its stored features decide the features and the model's patch)."""
     kind = data_kind(data)
-    if kind == "digits":
+    if kind in ("digits", "digits-subset"):
         return dict(model="SiT-D8/2", encoder=DEFAULT_DIGITS_ENCODER, features="precomputed")
-    if kind == "latents":  # refused by check_config (not supported by the study yet)
-        return dict(model="SiT-D8/2", encoder=DEFAULT_FOLDER_ENCODER, features="online")
+    if kind == "latents":
+        return latent_preset(data, encoder or DEFAULT_FOLDER_ENCODER)
     from ..engine.config import DATA_DEFAULTS
 
     res, batch = DATA_DEFAULTS["imagefolder"]["resolution"], DATA_DEFAULTS["imagefolder"]["batch_size"]
-    n = folder_size(data)
-    while batch > 8 and batch > n // 4:  # a small folder: a batch of at most a quarter of it (but >= 8)
-        batch //= 2
     return dict(model=f"SiT-D8/{max(1, res // FOLDER_TOKEN_GRID)}", encoder=DEFAULT_FOLDER_ENCODER, features="online",
-                batch_size=batch)
+                batch_size=fitted_batch(folder_size(data), batch))
 
 
 @lru_cache(maxsize=2)
 def folder_data(data: str):
-    """The image folder as the trainer loads it (on the CPU), loaded once."""
+    """The image folder or latent dataset as the trainer loads it (on the CPU), loaded once."""
     from ..data import load_train_data
 
     return load_train_data(data, "cpu")
@@ -98,6 +149,16 @@ def folder_data(data: str):
 
 def folder_size(data: str) -> int:
     return folder_data(data).num_samples
+
+
+def reference_indices(data: str):
+    """The samples of a latent dataset whose stored images are the study's FD/FID reference: all, or
+    ``LATENT_REFERENCE_CAP`` of them evenly spaced (every class of a class-ordered dataset)."""
+    import numpy as np
+
+    n = folder_size(data)
+    k = min(n, LATENT_REFERENCE_CAP)
+    return np.arange(k, dtype=np.int64) * n // k
 
 
 def study_config(quick: bool = False, **given) -> StudyConfig:
@@ -109,7 +170,7 @@ def study_config(quick: bool = False, **given) -> StudyConfig:
     if unknown:
         raise TypeError(f"unknown study settings {unknown}")
     cfg = replace(base, **{k: v for k, v in given.items() if v is not None})
-    return replace(cfg, **{k: v for k, v in dataset_preset(cfg.data).items() if getattr(cfg, k) is None})
+    return replace(cfg, **{k: v for k, v in dataset_preset(cfg.data, cfg.encoder).items() if getattr(cfg, k) is None})
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,23 +260,28 @@ def check_config(cfg: StudyConfig):
 
 def _check_data(cfg: StudyConfig):
     kind = data_kind(cfg.data)
-    if kind == "latents":
-        raise ValueError(f"--data {cfg.data}: the study runs on the digits or an image folder (imagefolder:DIR); "
-                         "latent datasets are not supported by the study yet (train them with python -m erw_fast.train)")
+    if kind == "digits-subset":
+        raise ValueError(f"--data {cfg.data}: the study runs on all the digits (digits), an image folder or latents; "
+                         "a subset of the digits is the reuse study's (python -m erw_fast.reuse_study)")
     if kind == "digits" and cfg.encoder not in DIGITS_ENCODERS:
         raise ValueError(f"--encoder {cfg.encoder!r}: the digits study aligns to an embedded digits encoder, "
                          f"one of {', '.join(DIGITS_ENCODERS)}")
     if kind != "digits" and cfg.encoder in DIGITS_ENCODERS:
         raise ValueError(f"--encoder {cfg.encoder}: the embedded digits encoders read 16x16 greyscale digits, not "
                          f"the images of --data {cfg.data}; use e.g. dinov2-vit-b (--encoder-path for local weights)")
-    if kind == "imagefolder":
-        n = folder_size(cfg.data)
+    if kind != "digits":
+        n, folder = folder_size(cfg.data), kind == "imagefolder"
+        what, refs = ("images", n) if folder else ("latents", len(reference_indices(cfg.data)))
         if cfg.batch_size > n:
-            raise ValueError(f"--data {cfg.data}: {n} images, fewer than the batch of {cfg.batch_size} (--batch-size); "
-                             "add images or lower --batch-size")
-        if cfg.num_samples > n:
-            raise ValueError(f"--num-samples {cfg.num_samples}: more samples than the folder's {n} images that FD "
-                             "compares them with; lower --num-samples")
+            raise ValueError(f"--data {cfg.data}: {n} {what}, fewer than the batch of {cfg.batch_size} (--batch-size); "
+                             f"add {what} or lower --batch-size")
+        if cfg.num_samples > refs:
+            raise ValueError(f"--num-samples {cfg.num_samples}: more samples than the {'folder' if folder else 'dataset'}'s "
+                             f"{refs} images that FD compares them with; lower --num-samples")
+    if kind == "latents" and folder_data(cfg.data).decoder() is None:
+        raise ValueError(f"--data {cfg.data}: the study decodes the generated latents with the dataset's VAE, but "
+                         f"{folder_data(cfg.data).decoder_error}; write the dataset with `python -m erw_fast.preprocess "
+                         "--vae DIR` (a diffusers AutoencoderKL folder) or put that VAE in the Hugging Face cache")
     if kind == "digits" and cfg.batch_size is not None:
         raise ValueError("--batch-size: the digits study keeps the trainer's batch (64) of its first runs; drop it")
     if kind == "digits" and cfg.inception:
@@ -228,15 +294,18 @@ def _check_data(cfg: StudyConfig):
 
 def study_settings(cfg: StudyConfig) -> Dict:
     """What the runs and evaluations in ``cfg.out`` depend on (a rerun in the same folder must match);
-    ``data`` (and, off the digits, the FID network) beside the digits study's keys."""
+    ``data`` (and, off the digits, the FID network and batch; on latents the run settings taken from the
+    digits preset and the number of reference images) beside the digits study's keys."""
     keep = ("data", "model", "encoder", "projector_dim", "features", "budget_steps", "points", "warmup_fractions", "stop_fraction",
             "stop_warmup", "num_samples", "sampler", "sample_steps", "cfg_scale", "eval_seed")
     d = {k: getattr(cfg, k) for k in keep}
     d["warmup_fractions"] = list(d["warmup_fractions"])
     if data_kind(cfg.data) != "digits":
         d.update(fid_network="inception" if cfg.inception else None, batch_size=cfg.batch_size)
+    if data_kind(cfg.data) == "latents":
+        d.update(latent_run_settings(), reference_images=len(reference_indices(cfg.data)))
     return d
 
 
-__all__ = ["Arm", "QUICK", "StudyConfig", "check_config", "data_kind", "dataset_preset", "selected_arms", "study_arms", "study_config",
-           "study_settings"]
+__all__ = ["Arm", "QUICK", "StudyConfig", "check_config", "data_kind", "dataset_preset", "latent_run_settings",
+           "reference_indices", "selected_arms", "study_arms", "study_config", "study_settings"]

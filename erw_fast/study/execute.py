@@ -121,11 +121,13 @@ def shared_architecture(cfg: StudyConfig) -> dict:
 def train_config(cfg: StudyConfig, method: str, **kw):
     """The trainer's settings of a study run (every arm: the same model, architecture, data, optimiser)."""
     from ..engine import TrainConfig
+    from .config import data_kind, latent_run_settings
 
+    run = latent_run_settings() if data_kind(cfg.data) == "latents" else {}  # not the 400K-step ImageNet recipe
     return TrainConfig(method=method, model=cfg.model, projector_dim=cfg.projector_dim, encoder=cfg.encoder,
                        features=cfg.features if method != "vanilla" else "online", data=cfg.data,
                        encoder_path=cfg.encoder_path, **({"batch_size": cfg.batch_size} if cfg.batch_size else {}),
-                       **shared_architecture(cfg), **kw)
+                       **shared_architecture(cfg), **{**run, **kw})
 
 
 def probe_flops(cfg: StudyConfig) -> Dict[str, float]:
@@ -135,8 +137,28 @@ def probe_flops(cfg: StudyConfig) -> Dict[str, float]:
     erw = measure_step_flops(train_config(cfg, "erw", warmup_steps=1))
     vanilla = measure_step_flops(train_config(cfg, "vanilla"))
     stopped = measure_step_flops(train_config(cfg, "repa", align_until=0))
+    extraction = erw.get("features", 0.0) or stored_extraction_flops(cfg)
     return {"vanilla": float(vanilla["train"]), "full": float(erw["train"]), "warmup": float(erw["warmup"]),
-            "unaligned": float(stopped["train"]), "features": float(erw.get("features", 0.0))}
+            "unaligned": float(stopped["train"]), "features": float(extraction)}
+
+
+def stored_extraction_flops(cfg: StudyConfig) -> float:
+    """The one-off extraction of the target features ``python -m erw_fast.extract_features`` stored in a
+    latent dataset (``--features precomputed`` on latents; 0 otherwise), counted as the digits' extraction
+    is: the encoder's FLOPs on one of the dataset's images, at the stored token grid, times its size."""
+    from .config import data_kind, folder_data, stored_features
+
+    if cfg.features != "precomputed" or data_kind(cfg.data) != "latents":
+        return 0.0
+    from ..encoders import build_encoder
+    from ..utils.flops import count_flops
+
+    data, store = folder_data(cfg.data), stored_features(cfg.data, cfg.encoder)
+    enc = build_encoder(cfg.encoder, token_grid=store.token_grid, **({"path": cfg.encoder_path} if cfg.encoder_path
+                                                                    else {}))
+    one = data.encoder_images([0])
+    with torch.no_grad():
+        return float(count_flops(lambda: enc(one))) * data.num_samples
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,15 +210,22 @@ def extraction_seconds(folder: str) -> float:
 @lru_cache(maxsize=2)
 def reference_images(data: str, digits: Tuple[int, ...] = tuple(range(10))) -> torch.Tensor:
     """The images every FD of the study is measured against, float (N, C, H, W) in [-1, 1]: the
-    embedded digits of ``digits`` (all 1,797 by default; a digits:5-9 run's own), or every image of the
-    folder at the trainer's resolution."""
+    embedded digits of ``digits`` (all 1,797 by default; a digits:5-9 run's own), every image of the
+    folder at the trainer's resolution, or, on latents, the images the dataset stores beside its latents
+    (``config.reference_indices``: at most 5,000, evenly spaced). Those are the source images, centre-
+    cropped at the dataset's resolution by ``python -m erw_fast.preprocess`` — the real images, as ADM's
+    reference batches are, not VAE reconstructions (decoding the dataset's own latents would build the
+    VAE's error into the reference and hide it from the scores), and they are there even when the source
+    folder the index records has moved or is gone."""
     if is_digits(data):
         from ..data.digits import load_digits
 
         x, y = load_digits(16)
         return x if len(digits) == 10 else x[torch.isin(y, torch.tensor(digits))]
-    from .config import folder_data
+    from .config import data_kind, folder_data, reference_indices
 
+    if data_kind(data) == "latents":
+        return folder_data(data).encoder_images(reference_indices(data)).float() / 127.5 - 1.0
     return folder_data(data).images.float() / 127.5 - 1.0
 
 
@@ -226,9 +255,23 @@ def fid_space(data: str, inception: Optional[str], digits: Tuple[int, ...] = tup
     return net, feature_stats(compute_features(reference_images(data), net))
 
 
+DECODE_BATCH = 16  # latents decoded at a time: bounds the VAE decoder's memory whatever --eval-batch is
+
+
+def latent_decoder(data: str):
+    """On latents: generated latents → images in [-1, 1] with the dataset's VAE, ``DECODE_BATCH`` at a time
+    (``LatentData.decode``, as the trainer's online evaluation decodes); None on other data."""
+    from .config import data_kind, folder_data
+
+    if data_kind(data) != "latents":
+        return None
+    return lambda z: torch.cat([folder_data(data).decode(c) for c in z.split(DECODE_BATCH)])
+
+
 def evaluate_checkpoint(cfg, path: str, extra_seconds: float = 0.0) -> dict:
     """FID (None off the digits without an Inception file), classifier accuracy (digits only) and
-    ``fd_<encoder>`` (the FD in the target encoder's space) of the checkpoint's EMA model; on the digits
+    ``fd_<encoder>`` (the FD in the target encoder's space) of the checkpoint's EMA model (on latents its
+    samples decoded with the dataset's VAE, against ``reference_images``); on the digits
     class k is scored as the digit its class name says (a digits:5-9 run's class 0 is a 5) and both
     references hold the run's digits only; ``seconds``: its training wall clock (extraction and warmup
     included). ``cfg``: a StudyConfig (or the reuse study's settings: digits, the run's own encoder
@@ -242,13 +285,13 @@ def evaluate_checkpoint(cfg, path: str, extra_seconds: float = 0.0) -> dict:
     ckpt = read_training_checkpoint(path)
     model = load_checkpoint(ckpt, which="ema").eval()
     shape = (model.in_channels, model.input_size, model.input_size)
+    data = getattr(cfg, "data", "digits")
     arr, labels = generate(model, range(cfg.num_samples), shape, list(range(model.num_classes)), seed=cfg.eval_seed,
                            sampler=cfg.sampler, steps=cfg.sample_steps, cfg_scale=cfg.cfg_scale,
-                           batch_size=cfg.eval_batch)
+                           batch_size=cfg.eval_batch, decoder=latent_decoder(data))
     wc = ckpt.get("warmup_cost") or {}
     seconds = float(ckpt.get("phase_seconds", 0.0)) + extra_seconds + \
         (float(wc.get("seconds", 0.0)) if ckpt["phase"] == "train" else 0.0)
-    data = getattr(cfg, "data", "digits")
     digits = tuple(class_digits(ckpt["args"].get("class_names"))) if is_digits(data) else tuple(range(10))
     encoder = cfg.encoder or ckpt["args"]["encoder"]
     enc_net, enc_ref = _encoder_space(encoder, data, getattr(cfg, "encoder_path", None), digits)

@@ -198,15 +198,22 @@ def _setup(study: dict) -> List[str]:
 
 
 def _setup_other(study: dict) -> List[str]:
-    """The setup of a study on an image folder: FID from a local Inception file, or none."""
+    """The setup of a study on an image folder or latents: FID from a local Inception file, or none."""
     s, fd = study["settings"], study["fd_key"]
-    L = ["## Setup\n"] + _model_lines(study, f"the images of `{study['data']}`")
-    fid = ("FID in the feature space of the local Inception file against every image of the folder" if
+    latents = "reference_images" in s
+    ref = (f"{s['reference_images']} of the images the latent dataset stores (its source images, centre-cropped "
+           "by preprocess; evenly spaced, at most 5,000)" if latents else "every image of the folder")
+    L = ["## Setup\n"] + _model_lines(study, f"the {'latents' if latents else 'images'} of `{study['data']}`")
+    if latents:
+        L += [f"- Latent preset: lr {s['lr']:g}, EMA {s['ema_decay']:g}, λ half-life {s['half_life']} steps, taken from "
+              "the digits preset (the trainer's latent defaults are the 400K-step ImageNet recipe); every sample is "
+              "decoded with the dataset's VAE before it is scored."]
+    fid = (f"FID in the feature space of the local Inception file against {ref}" if
            study.get("fid_network") else "**no FID**: no Inception file was given (`--inception`), so FID is null and "
            f"the speed figure, the targets τ and the verdict use `{fd}` instead")
     L += ["", f"- Evaluation: EMA weights, {s['num_samples']} samples per checkpoint ({s['sampler']}, "
           f"{s['sample_steps']} steps, guidance {s['cfg_scale']:g}; the same per-index noise and balanced classes for "
-          f"every checkpoint). {fid}. `{fd}`: the Fréchet distance against every image of the folder in the target "
+          f"every checkpoint). {fid}. `{fd}`: the Fréchet distance against {ref} in the target "
           "encoder's space (DINOv2: its CLS token, as FD_DINOv2 of Stein et al. / EDM2; "
           "`erw_fast.metrics.EncoderFeatures`) — the aligned arms were trained towards that space and may be "
           "favoured by it.\n"]
