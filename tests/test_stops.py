@@ -126,12 +126,19 @@ PARENT_REUSE = textwrap.dedent("""
 """)
 
 
+def _like_a_terminal():
+    """Start the study as a shell in a terminal would: Ctrl-C at its default. A process started in the
+    background of a non-interactive shell inherits SIGINT ignored (POSIX), and then Python installs no
+    KeyboardInterrupt handler: Ctrl-C would rightly do nothing, and the SIGINT cases would hang."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_study(tmp_path, parent=PARENT):
     (tmp_path / "fakearm.py").write_text(WORKER)
     out = tmp_path / "study"
     out.mkdir()
     p = subprocess.Popen([sys.executable, "-c", parent, str(tmp_path), str(out)], stderr=subprocess.PIPE, text=True,
-                         env=ENV, cwd=REPO, start_new_session=True)
+                         env=ENV, cwd=REPO, start_new_session=True, preexec_fn=_like_a_terminal)
     t0 = time.time()
     while len([f for f in os.listdir(out) if f.startswith("worker-")]) < 2 and time.time() - t0 < 120:
         time.sleep(0.2)
