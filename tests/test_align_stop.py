@@ -1,29 +1,25 @@
 """``--align-until K`` / ``--lambda-min``: from the stop on, λ = 0 and nothing that only the alignment
 needs is computed — no target-encoder forward, no projector, no alignment loss, no feature reads —
 so a step's FLOPs drop; the losses before the stop are those of a run without it."""
-import json
 import os
 
 import pytest
 import torch
 
-from erw_fast.engine import TrainConfig, train
+from erw_fast.engine import train
 from erw_fast.method import AlignmentSchedule
 from erw_fast.train import main
+from run_helpers import log_rows as all_rows, tiny_cfg  # tests/ is on the path
 
 pytestmark = pytest.mark.filterwarnings("ignore:decoder_hidden_size")
 
 
 def cfg(tmp_path, name, **kw):
-    base = dict(out=str(tmp_path / name), warmup_steps=2, steps=5, batch_size=8, log_every=1, sample_steps=2,
-                samples_per_class=1, progress=False, seed=3, threads=1)
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_cfg(tmp_path, name, **{"steps": 5, **kw})
 
 
 def log_rows(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip() and '"loss"' in line]
+    return all_rows(out, losses_only=True)
 
 
 def test_schedule_stop_rules():

@@ -2,30 +2,18 @@
 exists, with the flag named; runs are never merged; damaged checkpoints are caught; a resumed log
 has no step twice; signals and exit statuses; checkpoint retention."""
 import errno
-import json
 import os
 import signal
 
 import pytest
 import torch
 
-from erw_fast.engine import TrainConfig, train
+from erw_fast.engine import train
 from erw_fast.models.checkpoint import CorruptCheckpointError, read_checkpoint
 from erw_fast.train import main
+from run_helpers import log_rows as rows, tiny_cfg as cfg  # tests/ is on the path
 
 pytestmark = pytest.mark.filterwarnings("ignore:decoder_hidden_size")
-
-
-def cfg(tmp_path, name="run", **kw):
-    base = dict(out=str(tmp_path / name), warmup_steps=2, steps=3, batch_size=8, log_every=1, sample_steps=2,
-                samples_per_class=1, progress=False, seed=3, threads=1)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def rows(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 BAD = [
